@@ -1,0 +1,115 @@
+"""Bad checkpoints fail before any weight is placed, with errors that name the file/tensor and the expectation."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import qwen_jax
+from qwen_jax import testing
+from qwen_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from qwen_jax.config import ConfigError
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_dir):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, directory)
+    return directory
+
+
+def _rewrite_shard(directory, mutate):
+    """Rewrite the shard holding layer 1's tensors after `mutate(tensors)` (a dict name -> array)."""
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["transformer.h.1.mlp.w1.weight"]
+    reader = SafetensorsCheckpoint(directory)
+    tensors = {n: np.array(reader.get(n)) for n, info in reader.tensors.items() if info.file.name == shard}
+    mutate(tensors)
+    specs = [(n, a.shape, a.dtype, (lambda a=a: a)) for n, a in tensors.items()]
+    testing.write_safetensors(directory / shard, specs)
+    index["weight_map"] = {n: s for n, s in index["weight_map"].items() if n in reader.tensors and (s != shard or n in tensors)}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return shard
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json.*not found"):
+        qwen_jax.load(ckpt)
+
+
+def test_config_missing_key(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    del raw["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="hidden_size"):
+        qwen_jax.load(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    _rewrite_shard(ckpt, lambda t: t.pop("transformer.h.1.mlp.w1.weight"))
+    with pytest.raises(CheckpointError, match=r"missing.*transformer\.h\.1\.mlp\.w1\.weight"):
+        qwen_jax.load(ckpt)
+
+
+def test_tensor_listed_in_index_but_not_in_shard(ckpt):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = _rewrite_shard(ckpt, lambda t: t.pop("transformer.h.1.mlp.w1.weight"))
+    index["weight_map"]["transformer.h.1.mlp.w1.weight"] = shard
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{shard}.*transformer\.h\.1\.mlp\.w1\.weight.*not in the shard"):
+        qwen_jax.load(ckpt)
+
+
+def test_wrong_shape(ckpt):
+    def shrink(t):
+        t["transformer.h.1.mlp.w1.weight"] = t["transformer.h.1.mlp.w1.weight"][:-1]
+
+    shard = _rewrite_shard(ckpt, shrink)
+    with pytest.raises(CheckpointError, match=rf"{shard}.*transformer\.h\.1\.mlp\.w1\.weight.*\[127, 64\].*expected \[128, 64\]"):
+        qwen_jax.load(ckpt)
+
+
+def test_wrong_dtype(ckpt):
+    def to_int(t):
+        t["transformer.h.1.ln_2.weight"] = t["transformer.h.1.ln_2.weight"].astype(np.int32)
+
+    _rewrite_shard(ckpt, to_int)
+    with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.ln_2\.weight.*dtype int32"):
+        qwen_jax.load(ckpt)
+
+
+def test_truncated_shard(ckpt):
+    shard = sorted(ckpt.glob("model-*.safetensors"))[-1]
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated: tensor .* needs bytes up to {size}, the file has {size - 1000}"):
+        qwen_jax.load(ckpt)
+
+
+def test_missing_shard(ckpt):
+    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: shard listed in .* is missing"):
+        qwen_jax.load(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    def add(t):
+        t["transformer.h.7.ln_1.weight"] = np.ones(64, np.float16)
+
+    _rewrite_shard(ckpt, add)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*transformer\.h\.7\.ln_1\.weight"):
+        qwen_jax.load(ckpt)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        qwen_jax.load(tmp_path / "nope")
+
+
+def test_bad_dtype_argument(tiny_dir):
+    with pytest.raises(ValueError, match="dtype 'int4' not supported"):
+        qwen_jax.load(tiny_dir, dtype="int4")
