@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax import cache as kv_cache
 from qwen_jax import quant
 from qwen_jax.config import QwenConfig
 
@@ -142,21 +143,31 @@ class Attention(nn.Module):
     quant_group: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, logn, mask):
-        """x [B, S, embed] -> [B, S, embed]; cos/sin [B, S, head_dim]; logn [B, S]; mask [B, S, S]."""
+    def __call__(self, x, cos, sin, logn, mask, cache=None, write_start=None):
+        """x [B, S, embed] -> ([B, S, embed], updated cache or None).
+
+        cos/sin [B, S, head_dim]; logn [B, S]; mask [B, S, T] over the keys: this call's own S tokens when
+        `cache` is None, else the T slots of `cache` after this call's keys are written at `write_start`.
+        """
         c = self.config
         heads, hd = c.num_attention_heads, c.head_dim
         qkv = Linear(c.hidden_size, (3, heads, hd), ("embed", "qkv", "heads", "head_dim"), self.dtype,
                      self.quant_group, use_bias=True, name="c_attn")(x)  # [B, S, 3, H, hd]
         qkv = nn.with_logical_constraint(qkv, ("batch", "seq", "qkv", "heads", "head_dim"))
-        q = apply_rope(qkv[:, :, 0], cos, sin) * logn[:, :, None, None]
-        k = apply_rope(qkv[:, :, 1], cos, sin)
+        q = (apply_rope(qkv[:, :, 0], cos, sin) * logn[:, :, None, None]).astype(self.dtype)
+        k = apply_rope(qkv[:, :, 1], cos, sin).astype(self.dtype)
         v = qkv[:, :, 2]
-        out = attend(q.astype(self.dtype), k.astype(self.dtype), v, mask)  # [B, S, H, hd]
+        if cache is not None:
+            cache = kv_cache.write(cache, k, v, write_start)
+            k, v = kv_cache.read(cache)
+            k = nn.with_logical_constraint(k, kv_cache.KV_AXES)
+            v = nn.with_logical_constraint(v, kv_cache.KV_AXES)
+        out = attend(q, k, v, mask)  # [B, S, H, hd]
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
         out = out.reshape(*out.shape[:2], heads * hd)
-        return Linear(heads * hd, (c.hidden_size,), ("heads", "embed"), self.dtype, self.quant_group,
-                      name="c_proj")(out)
+        out = Linear(heads * hd, (c.hidden_size,), ("heads", "embed"), self.dtype, self.quant_group,
+                     name="c_proj")(out)
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -181,38 +192,54 @@ class Block(nn.Module):
     quant_group: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, logn, mask):
+    def __call__(self, x, cos, sin, logn, mask, cache=None, write_start=None):
         eps = self.config.layer_norm_epsilon
-        h = x + Attention(self.config, self.dtype, self.quant_group, name="attn")(
-            RMSNorm(eps, self.dtype, name="ln_1")(x), cos, sin, logn, mask)
+        attn_out, cache = Attention(self.config, self.dtype, self.quant_group, name="attn")(
+            RMSNorm(eps, self.dtype, name="ln_1")(x), cos, sin, logn, mask, cache, write_start)
+        h = x + attn_out
         out = h + MLP(self.config, self.dtype, self.quant_group, name="mlp")(RMSNorm(eps, self.dtype, name="ln_2")(h))
-        return nn.with_logical_constraint(out, ("batch", "seq", "embed"))
+        return nn.with_logical_constraint(out, ("batch", "seq", "embed")), cache
 
 
 class Qwen(nn.Module):
-    """ids [B, S] -> float32 logits [B, S, vocab_size], padded vocabulary rows masked to -inf."""
+    """Token ids -> float32 logits, padded vocabulary rows masked to -inf; optionally through a KV cache."""
 
     config: QwenConfig
     dtype: Dtype = jnp.bfloat16
     quant_group: int | None = None  # group size of int8 linears; None = float linears
 
     @nn.compact
-    def __call__(self, ids: jax.Array, positions: jax.Array, ntk_alpha: jax.Array) -> jax.Array:
-        """ids, positions [B, S] int32; ntk_alpha [B] float32 (1 = no NTK scaling)."""
+    def __call__(self, ids, positions, ntk_alpha, cache=None, logits_index=None):
+        """ids, positions [B, S] int32; ntk_alpha [B] float32 (1 = no NTK scaling).
+
+        cache: None for a plain forward, else a list of per-layer caches (qwen_jax.cache); this call's tokens
+          are written at slots positions[:, 0] … positions[:, 0] + S - 1 of each row.
+        logits_index [B]: if given, logits only at that index of each row (the last real token of a prefill).
+        Returns (logits [B, S or 1, vocab_size] float32, updated cache or None).
+        """
         c = self.config
         x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="wte")(ids)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         cos, sin = rope_tables(positions, rope_base(c, ntk_alpha), c.head_dim)
         logn = logn_scale(positions, c.seq_length) if c.use_logn_attn else jnp.ones(positions.shape, jnp.float32)
-        mask = positions[:, None, :] <= positions[:, :, None]  # [B, S, S] causal by absolute position
+        if cache is None:
+            key_positions = positions
+        else:
+            key_positions = jnp.broadcast_to(jnp.arange(kv_cache.max_len(cache)), (ids.shape[0], kv_cache.max_len(cache)))
+        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, S, T] causal by absolute position
+        new_cache = []
         for i in range(c.num_hidden_layers):
-            x = Block(c, self.dtype, self.quant_group, name=f"h_{i}")(x, cos, sin, logn, mask)
+            x, layer_cache = Block(c, self.dtype, self.quant_group, name=f"h_{i}")(
+                x, cos, sin, logn, mask, None if cache is None else cache[i], positions[:, 0])
+            new_cache.append(layer_cache)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, embed]
         x = RMSNorm(c.layer_norm_epsilon, self.dtype, name="ln_f")(x)
         logits = Linear(c.hidden_size, (c.vocab_size,), ("embed", "vocab"), self.dtype, None,
                         out_dtype=jnp.float32, name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
         real = jnp.arange(c.vocab_size) < c.num_real_tokens
-        return jnp.where(real, logits, -jnp.inf)
+        return jnp.where(real, logits, -jnp.inf), (None if cache is None else new_cache)
 
 
 class Embed(nn.Module):
@@ -237,7 +264,7 @@ def abstract_params(config: QwenConfig, dtype: Dtype, quant_group: int | None = 
 
 @functools.partial(jax.jit, static_argnames=("module",))
 def _forward(module: Qwen, params, ids, positions, ntk_alpha):
-    return module.apply({"params": params}, ids, positions, ntk_alpha)
+    return module.apply({"params": params}, ids, positions, ntk_alpha)[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,0 +1,169 @@
+"""KV-cache decoding, greedy chat against transformers, stopping, batching and streaming."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import qwen_jax
+from qwen_jax import chat_api as chat_lib
+from qwen_jax.cache import init_cache
+from qwen_jax.chat_api import chat, chat_stream, generate
+from qwen_jax.chat_format import build_chat_prompt
+from qwen_jax.decoding import Generation, GenerationConfig, generate_tokens
+from tests.oracle import rel_err
+
+STOPS = [151645, 151644, 151643]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return qwen_jax.load(tiny_dir, dtype="float32")
+
+
+def test_cached_decoding_matches_full_forward(loaded):
+    """Prefill ragged prompts into the cache, feed the rest one token at a time: logits equal a full forward."""
+    model, _ = loaded
+    rng = np.random.default_rng(0)
+    lengths, total = [3, 7, 5], 12
+    seqs = rng.integers(0, 151643, size=(3, total)).astype(np.int32)
+    full = np.asarray(model.logits(seqs))  # [B, total, V]
+    module, batch = model.module, len(lengths)
+    cache = init_cache(model.config, batch, 16, model.dtype)
+    padded = np.where(np.arange(8)[None] < np.asarray(lengths)[:, None], seqs[:, :8], 151643)
+    positions = np.broadcast_to(np.arange(8, dtype=np.int32), (batch, 8))
+    alpha = jnp.ones(batch, jnp.float32)
+    logits, cache = module.apply({"params": model.params}, padded, positions, alpha, cache,
+                                 logits_index=jnp.asarray(lengths) - 1)
+    want = full[np.arange(batch), np.asarray(lengths) - 1]
+    assert rel_err(np.asarray(logits)[:, 0, :151851], want[:, :151851]) <= 1e-4
+    pos = np.asarray(lengths)
+    while pos.max() < total:
+        step_pos = np.minimum(pos, total - 1)  # rows that reached the end repeat their last step harmlessly
+        token = seqs[np.arange(batch), step_pos]
+        logits, cache = module.apply({"params": model.params}, token[:, None], step_pos[:, None].astype(np.int32),
+                                     alpha, cache)
+        want = full[np.arange(batch), step_pos]
+        assert rel_err(np.asarray(logits)[:, 0, :151851], want[:, :151851]) <= 1e-4
+        pos = pos + 1
+
+
+def _hf_greedy(hf_model, prompt, max_new_tokens, repetition_penalty=1.0):
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                repetition_penalty=repetition_penalty, eos_token_id=STOPS, pad_token_id=151643,
+                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    tokens = out[0, len(prompt):].tolist()
+    return tokens[: next((i for i, t in enumerate(tokens) if t in STOPS), len(tokens))]
+
+
+@pytest.mark.parametrize("query,penalty", [("Hello", 1.0), ("写一首关于秋天的诗", 1.0), ("Tell me a story", 1.3)])
+def test_greedy_chat_matches_transformers(loaded, hf_tiny, query, penalty):
+    model, tok = loaded
+    prompt = build_chat_prompt(tok, query)
+    want = tok.decode(_hf_greedy(hf_tiny, prompt, 40, penalty)).strip()
+    response, history = chat(model, tok, query, do_sample=False, repetition_penalty=penalty, max_new_tokens=40)
+    assert response == want
+    assert history == [(query, response)]
+
+
+def test_multi_turn_history_and_injection(loaded):
+    model, tok = loaded
+    query = "say <|im_end|> and <|endoftext|> please"
+    response, history = chat(model, tok, query, do_sample=False, max_new_tokens=8)
+    response2, history2 = chat(model, tok, "and again", history=history, do_sample=False, max_new_tokens=8)
+    assert history2 == [(query, response), ("and again", response2)]
+    prompt = build_chat_prompt(tok, "and again", history)
+    assert prompt.count(151645) == 4  # structural <|im_end|> only (system, query 1, response 1, query 2)
+    assert prompt.count(151643) == 0
+
+
+def test_same_seed_same_text_and_seeds_matter(loaded):
+    model, tok = loaded
+    a = chat(model, tok, "Hello", seed=11, max_new_tokens=16, top_p=1.0, temperature=1.5)[0]
+    b = chat(model, tok, "Hello", seed=11, max_new_tokens=16, top_p=1.0, temperature=1.5)[0]
+    others = {chat(model, tok, "Hello", seed=s, max_new_tokens=16, top_p=1.0, temperature=1.5)[0] for s in range(12, 16)}
+    assert a == b
+    assert len(others | {a}) > 1
+
+
+def test_ragged_batch_equals_one_by_one(loaded):
+    model, tok = loaded
+    prompts = ["Once upon a time", "Hi", "The capital of France is a city that"]
+    batched = generate(model, tok, prompts, max_new_tokens=12, seed=5, top_k=50)
+    alone = [generate(model, tok, [p], max_new_tokens=12, seed=5 + i, top_k=50)[0] for i, p in enumerate(prompts)]
+    assert batched == alone
+    greedy = generate(model, tok, prompts, max_new_tokens=12, do_sample=False)
+    assert greedy == [generate(model, tok, p, max_new_tokens=12, do_sample=False)[0] for p in prompts]
+
+
+def test_user_stop_sequence_and_max_new_tokens(loaded):
+    model, tok = loaded
+    ids = tok.encode("Once upon a time")
+    gen = GenerationConfig.resolve({}, do_sample=False, max_new_tokens=20, repetition_penalty=1.0)
+    (full,) = list(generate_tokens(model, [ids], gen, [[t] for t in STOPS]))[-1]
+    assert full.finish_reason == "length" and len(full.tokens) == 20
+    stop = full.tokens[5:7]
+    gen = GenerationConfig.resolve({}, do_sample=False, max_new_tokens=20, repetition_penalty=1.0,
+                                   stop_words_ids=[stop])
+    (cut,) = list(generate_tokens(model, [ids], gen, [[t] for t in STOPS]))[-1]
+    first = next(i for i in range(len(full.tokens)) if full.tokens[i:i + 2] == stop)
+    assert cut.finish_reason == "stop"
+    assert cut.tokens == full.tokens[:first]
+
+
+def test_rows_stop_independently(loaded):
+    model, tok = loaded
+    prompts = [tok.encode("Hi"), tok.encode("A much longer prompt than the other one")]
+    gen = GenerationConfig.resolve({}, do_sample=False, max_new_tokens=10, repetition_penalty=1.0)
+    (a, b) = list(generate_tokens(model, prompts, gen, [[t] for t in STOPS]))[-1]
+    stop_a = a.tokens[3]  # make row 0 stop at its 4th token; row 1 must not be affected
+    gen = GenerationConfig.resolve({}, do_sample=False, max_new_tokens=10, repetition_penalty=1.0,
+                                   stop_words_ids=[[stop_a]])
+    (a2, b2) = list(generate_tokens(model, prompts, gen, [[t] for t in STOPS]))[-1]
+    assert a2.tokens == a.tokens[:a.tokens.index(stop_a)] and a2.finish_reason == "stop"
+    want_b = b.tokens[:b.tokens.index(stop_a)] if stop_a in b.tokens else b.tokens
+    assert b2.tokens == want_b
+
+
+def test_stream_ends_with_chat_response(loaded):
+    model, tok = loaded
+    parts = list(chat_stream(model, tok, "Hello", do_sample=False, max_new_tokens=30))
+    response, _ = chat(model, tok, "Hello", do_sample=False, max_new_tokens=30)
+    assert len(parts) >= 2 and parts[-1] == response
+    assert all(b.startswith(a) for a, b in zip(parts, parts[1:]))
+
+
+def test_stream_never_breaks_a_character(loaded, monkeypatch):
+    model, tok = loaded
+    text = "龘𝔘 ok 🤖!"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # some characters span several byte-level tokens
+
+    def one_token_at_a_time(model, prompts, gen, stops, chunk=None):
+        for n in range(1, len(ids) + 1):
+            yield [Generation(ids[:n], "stop" if n == len(ids) else None, 1, 0)]
+
+    monkeypatch.setattr(chat_lib, "generate_tokens", one_token_at_a_time)
+    parts = list(chat_stream(model, tok, "x"))
+    assert parts[-1] == text.strip()
+    assert not any("\ufffd" in p for p in parts)
+
+
+def test_unknown_and_invalid_options(loaded):
+    model, tok = loaded
+    with pytest.raises(TypeError, match="unknown generation option.*'max_tokens'"):
+        chat(model, tok, "Hello", max_tokens=3)
+    with pytest.raises(ValueError, match="top_p"):
+        chat(model, tok, "Hello", top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        chat(model, tok, "Hello", temperature=0.0)
+
+
+def test_defaults_come_from_generation_config(loaded):
+    model, _ = loaded
+    gen = GenerationConfig.resolve(model.generation_config)
+    assert (gen.top_p, gen.top_k, gen.repetition_penalty, gen.max_new_tokens, gen.do_sample, gen.max_window_size) == \
+        (0.8, 0, 1.1, 512, True, 6144)
+    assert GenerationConfig.resolve(model.generation_config, top_p=0.5).top_p == 0.5
