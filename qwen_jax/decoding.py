@@ -18,7 +18,7 @@ import numpy as np
 
 from qwen_jax import sampling
 from qwen_jax.cache import init_cache
-from qwen_jax.model import Qwen, QwenModel
+from qwen_jax.model import Qwen, QwenModel, apply
 
 MIN_BUCKET = 16
 
@@ -112,12 +112,14 @@ def _append(state: DecodeState, token: jax.Array, stops: jax.Array, max_new: jax
     return state.replace(tokens=tokens, num_generated=num, done=done, stop_len=stop_len, seen=seen)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "buffer_len"), donate_argnames=("cache",))
-def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sampling, stops, max_new, buffer_len):
+@functools.partial(jax.jit, static_argnames=("module", "buffer_len", "mesh", "rules"), donate_argnames=("cache",))
+def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sampling, stops, max_new, buffer_len,
+             mesh=None, rules=()):
     """ids [B, S] right-padded, prompt_len [B] -> DecodeState holding the first generated token."""
     batch, seq = ids.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    logits, cache = module.apply({"params": params}, ids, positions, ntk_alpha, cache, logits_index=prompt_len - 1)
+    logits, cache = apply(module, params, ids, positions, ntk_alpha, cache, logits_index=prompt_len - 1,
+                          mesh=mesh, rules=rules)
     in_prompt = positions < prompt_len[:, None]
     seen = jnp.zeros((batch, module.config.vocab_size), bool)
     seen = seen.at[jnp.arange(batch)[:, None], ids].max(in_prompt)
@@ -129,8 +131,9 @@ def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sam
     return _append(state, token, stops, max_new)
 
 
-@functools.partial(jax.jit, static_argnames=("module",), donate_argnames=("state",))
-def _decode(module: Qwen, params, state: DecodeState, params_sampling, stops, max_new, limit) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("module", "mesh", "rules"), donate_argnames=("state",))
+def _decode(module: Qwen, params, state: DecodeState, params_sampling, stops, max_new, limit, mesh=None,
+            rules=()) -> DecodeState:
     """Decode until every row is done or `limit` steps have run in total (a traced bound: no recompile)."""
     rows = jnp.arange(state.tokens.shape[0])
 
@@ -140,7 +143,8 @@ def _decode(module: Qwen, params, state: DecodeState, params_sampling, stops, ma
     def body(s):
         last = s.tokens[rows, s.num_generated - 1]
         position = s.prompt_len + s.num_generated - 1
-        logits, cache = module.apply({"params": params}, last[:, None], position[:, None], s.ntk_alpha, s.cache)
+        logits, cache = apply(module, params, last[:, None], position[:, None], s.ntk_alpha, s.cache, mesh=mesh,
+                              rules=rules)
         token = sampling.select(logits[:, 0], s.seen, params_sampling, s.num_generated)
         return _append(s.replace(cache=cache, steps=s.steps + 1), token, stops, max_new)
 
@@ -206,13 +210,14 @@ def generate_tokens(model: QwenModel, prompts: Sequence[Sequence[int]], gen: Gen
     stops = jnp.asarray(_stop_table([*stop_sequences, *gen.stop_words_ids]))
     ntk_alpha = jnp.asarray([config.ntk_alpha(n) for n in lengths], jnp.float32)
     max_new = jnp.asarray(gen.max_new_tokens, jnp.int32)
-    cache = init_cache(config, batch, max_len, model.dtype)
+    cache = init_cache(config, batch, max_len, model.dtype, **model.placement)
     state = _prefill(model.module, model.params, jnp.asarray(ids), jnp.asarray(lengths, jnp.int32), ntk_alpha,
-                     cache, params_sampling, stops, max_new, bucket(gen.max_new_tokens))
+                     cache, params_sampling, stops, max_new, bucket(gen.max_new_tokens), **model.placement)
     limit = 0
     while True:
         limit = gen.max_new_tokens if chunk is None else limit + chunk
-        state = _decode(model.module, model.params, state, params_sampling, stops, max_new, jnp.asarray(limit))
+        state = _decode(model.module, model.params, state, params_sampling, stops, max_new, jnp.asarray(limit),
+                        **model.placement)
         tokens, num, done, stop_len = jax.device_get((state.tokens, state.num_generated, state.done, state.stop_len))
         finished = bool(done.all())
         reasons = ["stop" if stop_len[r] else "length" if done[r] else None for r in range(batch)]

@@ -2,19 +2,21 @@
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); the model never sees a mesh. A sharding
 strategy maps those names to mesh axes (qwen_jax.sharding). Parameter names follow the checkpoint's:
-`h_{i}/attn/c_attn` is `transformer.h.{i}.attn.c_attn`, with two deliberate differences, both to keep the
+`layers/attn/c_attn` stacks `transformer.h.{i}.attn.c_attn` over i, with two deliberate differences, both to keep the
 weight matmuls wide (N large) and head-aligned:
   - `c_attn` keeps q|k|v fused as [embed, 3, heads, head_dim], so splitting `heads` splits q, k and v alike;
   - `mlp.w1` and `mlp.w2` are stacked as `mlp/w1w2` [embed, 2, mlp] (index 0 = w1 = up, 1 = w2 = gate).
 
-Layers are separate modules in a Python loop (`h_0 … h_{L-1}`), not one stacked array under `lax.scan`:
-on the H100 (jax 0.11.2) a stacked int8 weight sliced inside a scan defeated XLA's int8→bf16 convert fusion
-(2.6–4× slower), and a fused kernel fed a dynamic slice would copy it first. See BENCHMARKS.md for the
-compile-time cost of unrolling.
+Layers are stacked: every per-layer parameter is one array with a leading `layers` axis ([L, …]), and the
+forward loops over the layer index with `lax.fori_loop`. Each module takes that index and reads its layer of the
+stack in place: the fused int8 kernel offsets into the stack itself (letting XLA slice the layer first would copy
+it, 2.2× slower on the H100), and the loop compiles once instead of L times (80 layers: 1.3 s instead of 19.8 s
+with the kernel, BENCHMARKS.md). One layer's temporaries are live at a time, however deep the model.
 
-Logical axes: vocab, embed, qkv, heads, head_dim, gate_up, mlp (parameters);
-batch, seq, kv_len (activations and cache). The K axis of `attn.c_proj` is heads × head_dim flattened and is
-named `heads`: any contiguous split of it into n parts with n dividing `heads` gives whole heads.
+Logical axes of parameters: vocab, embed, qkv, heads, head_dim, gate_up, mlp. Activations use their own names
+(batch, seq, act_embed, act_heads, act_mlp, act_vocab; the cache kv_len, kv_heads), so that a strategy can shard
+a weight dimension without sharding the activations of the same size (FSDP shards `embed`, not `act_embed`).
+The K axis of `attn.c_proj` is heads × head_dim flattened and is named `heads`: any contiguous split of it into n parts with n dividing `heads` gives whole heads.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from qwen_jax import cache as kv_cache
 from qwen_jax import quant
+from qwen_jax import sharding as sharding_lib
 from qwen_jax.config import QwenConfig
 
 Dtype = Any
@@ -41,6 +46,17 @@ def _logical(init, names):
 
 def _int8_init(key, shape, dtype):
     return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(dtype)
+
+
+def _param(module: nn.Module, name: str, init, shape, dtype, axes, layer):
+    """A parameter declared per layer; with `layer`, the stored array is the stack [L, *shape] of all layers.
+
+    Declared (init, abstract shapes) one layer at a time; applied to stacks, which linen would reject against the
+    declared shape, so a stacked parameter is read as a variable and not re-declared.
+    """
+    if layer is None:
+        return module.param(name, _logical(init, axes), shape, dtype)
+    return module.get_variable("params", name)
 
 
 class Linear(nn.Module):
@@ -55,26 +71,25 @@ class Linear(nn.Module):
     out_dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """With `layer`, the parameters are stacks [L, …] and layer `layer` is used (read in place)."""
         shape = (self.in_features, *self.out_shape)
         if self.quant_group:
             if self.in_features % self.quant_group:
                 raise ValueError(f"{self.name}: group size {self.quant_group} does not divide K={self.in_features}")
             groups = self.in_features // self.quant_group
             weight = {
-                "qvalue": self.param("qvalue", _logical(_int8_init, self.axes), shape, jnp.int8),
-                "scales": self.param(
-                    "scales", _logical(nn.initializers.constant(1e-3), self.axes),
-                    (groups, *self.out_shape), jnp.float16,
-                ),
+                "qvalue": _param(self, "qvalue", _int8_init, shape, jnp.int8, self.axes, layer),
+                "scales": _param(self, "scales", nn.initializers.constant(1e-3), (groups, *self.out_shape),
+                                 jnp.float16, self.axes, layer),
             }
         else:
             init = nn.initializers.normal(self.in_features ** -0.5)
-            weight = {"kernel": self.param("kernel", _logical(init, self.axes), shape, self.dtype)}
-        y = quant.matmul(x.astype(self.dtype), weight, out_dtype=self.out_dtype)
+            weight = {"kernel": _param(self, "kernel", init, shape, self.dtype, self.axes, layer)}
+        y = quant.matmul(x.astype(self.dtype), weight, out_dtype=self.out_dtype, layer=layer)
         if self.use_bias:
-            bias = self.param("bias", _logical(nn.initializers.zeros, self.axes[1:]), self.out_shape, self.dtype)
-            y = y + bias.astype(y.dtype)
+            bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.dtype, self.axes[1:], layer)
+            y = y + quant.at_layer(bias, layer).astype(y.dtype)
         return y
 
 
@@ -83,8 +98,9 @@ class RMSNorm(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", _logical(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.dtype)
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        weight = _param(self, "weight", nn.initializers.ones, (x.shape[-1],), self.dtype, ("embed",), layer)
+        weight = quant.at_layer(weight, layer)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return normed.astype(self.dtype) * weight
@@ -131,10 +147,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     Scores and softmax in float32; a fully masked row (a padding query) yields finite garbage, never NaN.
     """
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bshd,bthd->bhst", q, k, precision=quant.precision(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhst,bthd->bshd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    return jnp.einsum("bhst,bthd->bshd", probs, v, precision=quant.precision(v.dtype),
+                      preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 class Attention(nn.Module):
@@ -143,30 +161,31 @@ class Attention(nn.Module):
     quant_group: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, logn, mask, cache=None, write_start=None):
+    def __call__(self, x, cos, sin, logn, mask, layer=None, cache=None, write_start=None):
         """x [B, S, embed] -> ([B, S, embed], updated cache or None).
 
         cos/sin [B, S, head_dim]; logn [B, S]; mask [B, S, T] over the keys: this call's own S tokens when
-        `cache` is None, else the T slots of `cache` after this call's keys are written at `write_start`.
+        `cache` is None, else the T slots of the cache's layer `layer` after this call's keys are written there,
+        at slots write_start[b] … of row b.
         """
         c = self.config
         heads, hd = c.num_attention_heads, c.head_dim
         qkv = Linear(c.hidden_size, (3, heads, hd), ("embed", "qkv", "heads", "head_dim"), self.dtype,
-                     self.quant_group, use_bias=True, name="c_attn")(x)  # [B, S, 3, H, hd]
-        qkv = nn.with_logical_constraint(qkv, ("batch", "seq", "qkv", "heads", "head_dim"))
+                     self.quant_group, use_bias=True, name="c_attn")(x, layer)  # [B, S, 3, H, hd]
+        qkv = nn.with_logical_constraint(qkv, ("batch", "seq", "qkv", "act_heads", "head_dim"))
         q = (apply_rope(qkv[:, :, 0], cos, sin) * logn[:, :, None, None]).astype(self.dtype)
         k = apply_rope(qkv[:, :, 1], cos, sin).astype(self.dtype)
         v = qkv[:, :, 2]
         if cache is not None:
-            cache = kv_cache.write(cache, k, v, write_start)
-            k, v = kv_cache.read(cache)
-            k = nn.with_logical_constraint(k, kv_cache.KV_AXES)
-            v = nn.with_logical_constraint(v, kv_cache.KV_AXES)
+            cache = kv_cache.write(cache, layer, k, v, write_start)
+            k, v = kv_cache.read(cache, layer)
+            k = nn.with_logical_constraint(k, kv_cache.KV_AXES[1:])
+            v = nn.with_logical_constraint(v, kv_cache.KV_AXES[1:])
         out = attend(q, k, v, mask)  # [B, S, H, hd]
-        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
+        out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         out = out.reshape(*out.shape[:2], heads * hd)
         out = Linear(heads * hd, (c.hidden_size,), ("heads", "embed"), self.dtype, self.quant_group,
-                     name="c_proj")(out)
+                     name="c_proj")(out, layer)
         return out, cache
 
 
@@ -176,14 +195,14 @@ class MLP(nn.Module):
     quant_group: int | None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, layer=None):
         c = self.config
         up_gate = Linear(c.hidden_size, (2, c.mlp_width), ("embed", "gate_up", "mlp"), self.dtype,
-                         self.quant_group, name="w1w2")(x)  # [B, S, 2, mlp]
-        up_gate = nn.with_logical_constraint(up_gate, ("batch", "seq", "gate_up", "mlp"))
+                         self.quant_group, name="w1w2")(x, layer)  # [B, S, 2, mlp]
+        up_gate = nn.with_logical_constraint(up_gate, ("batch", "seq", "gate_up", "act_mlp"))
         hidden = up_gate[:, :, 0] * jax.nn.silu(up_gate[:, :, 1])  # w2 is the gate
         return Linear(c.mlp_width, (c.hidden_size,), ("mlp", "embed"), self.dtype, self.quant_group,
-                      name="c_proj")(hidden)
+                      name="c_proj")(hidden, layer)
 
 
 class Block(nn.Module):
@@ -192,54 +211,14 @@ class Block(nn.Module):
     quant_group: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, logn, mask, cache=None, write_start=None):
+    def __call__(self, x, cos, sin, logn, mask, layer=None, cache=None, write_start=None):
         eps = self.config.layer_norm_epsilon
         attn_out, cache = Attention(self.config, self.dtype, self.quant_group, name="attn")(
-            RMSNorm(eps, self.dtype, name="ln_1")(x), cos, sin, logn, mask, cache, write_start)
+            RMSNorm(eps, self.dtype, name="ln_1")(x, layer), cos, sin, logn, mask, layer, cache, write_start)
         h = x + attn_out
-        out = h + MLP(self.config, self.dtype, self.quant_group, name="mlp")(RMSNorm(eps, self.dtype, name="ln_2")(h))
-        return nn.with_logical_constraint(out, ("batch", "seq", "embed")), cache
-
-
-class Qwen(nn.Module):
-    """Token ids -> float32 logits, padded vocabulary rows masked to -inf; optionally through a KV cache."""
-
-    config: QwenConfig
-    dtype: Dtype = jnp.bfloat16
-    quant_group: int | None = None  # group size of int8 linears; None = float linears
-
-    @nn.compact
-    def __call__(self, ids, positions, ntk_alpha, cache=None, logits_index=None):
-        """ids, positions [B, S] int32; ntk_alpha [B] float32 (1 = no NTK scaling).
-
-        cache: None for a plain forward, else a list of per-layer caches (qwen_jax.cache); this call's tokens
-          are written at slots positions[:, 0] … positions[:, 0] + S - 1 of each row.
-        logits_index [B]: if given, logits only at that index of each row (the last real token of a prefill).
-        Returns (logits [B, S or 1, vocab_size] float32, updated cache or None).
-        """
-        c = self.config
-        x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="wte")(ids)
-        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-        cos, sin = rope_tables(positions, rope_base(c, ntk_alpha), c.head_dim)
-        logn = logn_scale(positions, c.seq_length) if c.use_logn_attn else jnp.ones(positions.shape, jnp.float32)
-        if cache is None:
-            key_positions = positions
-        else:
-            key_positions = jnp.broadcast_to(jnp.arange(kv_cache.max_len(cache)), (ids.shape[0], kv_cache.max_len(cache)))
-        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, S, T] causal by absolute position
-        new_cache = []
-        for i in range(c.num_hidden_layers):
-            x, layer_cache = Block(c, self.dtype, self.quant_group, name=f"h_{i}")(
-                x, cos, sin, logn, mask, None if cache is None else cache[i], positions[:, 0])
-            new_cache.append(layer_cache)
-        if logits_index is not None:
-            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, embed]
-        x = RMSNorm(c.layer_norm_epsilon, self.dtype, name="ln_f")(x)
-        logits = Linear(c.hidden_size, (c.vocab_size,), ("embed", "vocab"), self.dtype, None,
-                        out_dtype=jnp.float32, name="lm_head")(x)
-        logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
-        real = jnp.arange(c.vocab_size) < c.num_real_tokens
-        return jnp.where(real, logits, -jnp.inf), (None if cache is None else new_cache)
+        out = h + MLP(self.config, self.dtype, self.quant_group, name="mlp")(
+            RMSNorm(eps, self.dtype, name="ln_2")(h, layer), layer)
+        return nn.with_logical_constraint(out, ("batch", "seq", "act_embed")), cache
 
 
 class Embed(nn.Module):
@@ -254,32 +233,120 @@ class Embed(nn.Module):
         return jnp.take(table, ids, axis=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Qwen:
+    """The whole model: embedding, L stacked blocks under `lax.fori_loop`, final norm, lm_head.
+
+    A hashable description (a static argument of the jitted callers) with the forward as `__call__`;
+    parameters are passed in, never held.
+    """
+
+    config: QwenConfig
+    dtype: Dtype = jnp.bfloat16
+    quant_group: int | None = None  # group size of int8 linears; None = float linears
+
+    def _modules(self) -> dict[str, nn.Module]:
+        c = self.config
+        return {
+            "wte": Embed(c.vocab_size, c.hidden_size, self.dtype),
+            "layers": Block(c, self.dtype, self.quant_group),
+            "ln_f": RMSNorm(c.layer_norm_epsilon, self.dtype),
+            "lm_head": Linear(c.hidden_size, (c.vocab_size,), ("embed", "vocab"), self.dtype, None,
+                              out_dtype=jnp.float32),
+        }
+
+    def abstract_params(self) -> Any:
+        """Shapes, dtypes and logical axes of every parameter, without allocating any (`nn.LogicallyPartitioned`)."""
+        c, key = self.config, jax.random.key(0)
+        x = jax.ShapeDtypeStruct((1, 1, c.hidden_size), self.dtype)
+        rope = jax.ShapeDtypeStruct((1, 1, c.head_dim), jnp.float32)
+        logn = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+        mask = jax.ShapeDtypeStruct((1, 1, 1), jnp.bool_)
+        inputs = {"wte": (jax.ShapeDtypeStruct((1, 1), jnp.int32),), "layers": (x, rope, rope, logn, mask),
+                  "ln_f": (x,), "lm_head": (x,)}
+        tree = {name: jax.eval_shape(module.init, key, *inputs[name])["params"]
+                for name, module in self._modules().items()}
+
+        def stack(box):
+            value = jax.ShapeDtypeStruct((c.num_hidden_layers, *box.value.shape), box.value.dtype)
+            return box.replace(value=value, names=("layers", *box.names))
+
+        tree["layers"] = jax.tree_util.tree_map(stack, tree["layers"],
+                                                is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        return tree
+
+    def __call__(self, params, ids, positions, ntk_alpha, cache=None, logits_index=None):
+        """ids, positions [B, S] int32; ntk_alpha [B] float32 (1 = no NTK scaling).
+
+        cache: None for a plain forward, else a KV cache (qwen_jax.cache); this call's tokens are written at
+          slots positions[:, 0] … positions[:, 0] + S - 1 of each row.
+        logits_index [B]: if given, logits only at that index of each row (the last real token of a prefill).
+        Returns (float32 logits [B, S or 1, vocab_size] with padded vocabulary rows at -inf, updated cache or None).
+        """
+        c, modules = self.config, self._modules()
+        x = modules["wte"].apply({"params": params["wte"]}, ids)
+        x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+        cos, sin = rope_tables(positions, rope_base(c, ntk_alpha), c.head_dim)
+        logn = logn_scale(positions, c.seq_length) if c.use_logn_attn else jnp.ones(positions.shape, jnp.float32)
+        if cache is None:
+            key_positions = positions
+        else:
+            slots = kv_cache.max_len(cache)
+            key_positions = jnp.broadcast_to(jnp.arange(slots), (ids.shape[0], slots))
+        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, S, T] causal by absolute position
+
+        def layer_step(layer, carry):
+            x, cache = carry
+            return modules["layers"].apply({"params": params["layers"]}, x, cos, sin, logn, mask, layer, cache,
+                                           positions[:, 0])
+
+        x, cache = jax.lax.fori_loop(0, c.num_hidden_layers, layer_step, (x, cache))
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, embed]
+        x = modules["ln_f"].apply({"params": params["ln_f"]}, x)
+        logits = modules["lm_head"].apply({"params": params["lm_head"]}, x)
+        logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
+        real = jnp.arange(c.vocab_size) < c.num_real_tokens
+        return jnp.where(real, logits, -jnp.inf), cache
+
+
 def abstract_params(config: QwenConfig, dtype: Dtype, quant_group: int | None = None) -> Any:
-    """Shapes, dtypes and logical axes of every parameter, without allocating any (`nn.LogicallyPartitioned` leaves)."""
-    module = Qwen(config, dtype, quant_group)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    alpha = jax.ShapeDtypeStruct((1,), jnp.float32)
-    return jax.eval_shape(module.init, jax.random.key(0), ids, ids, alpha)["params"]
+    return Qwen(config, dtype, quant_group).abstract_params()
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
-def _forward(module: Qwen, params, ids, positions, ntk_alpha):
-    return module.apply({"params": params}, ids, positions, ntk_alpha)[0]
+def apply(module: Qwen, params, *args, mesh=None, rules=(), **kwargs):
+    """`module(params, …)` with the strategy's activation shardings in force (traced inside a jitted caller)."""
+    if mesh is None:
+        return module(params, *args, **kwargs)
+    with sharding_lib.activate(mesh, rules):
+        return module(params, *args, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "mesh", "rules"))
+def _forward(module: Qwen, params, ids, positions, ntk_alpha, mesh=None, rules=()):
+    return apply(module, params, ids, positions, ntk_alpha, mesh=mesh, rules=rules)[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QwenModel:
-    """A loaded model: config, parameters on their devices, and the jitted entry points."""
+    """A loaded model: config, parameters on their devices, where they live, and the jitted entry points."""
 
     config: QwenConfig
     params: Any
     dtype: Dtype = jnp.bfloat16
     quant_group: int | None = None
     generation_config: dict = dataclasses.field(default_factory=dict)  # the checkpoint's generation defaults
+    mesh: Mesh | None = None  # None: a single device
+    rules: sharding_lib.Rules = ()  # the strategy's logical-axis rules table
 
     @property
     def module(self) -> Qwen:
         return Qwen(self.config, self.dtype, self.quant_group)
+
+    @property
+    def placement(self) -> dict:
+        """Keyword arguments that put a jitted call under this model's mesh and rules."""
+        return {"mesh": self.mesh, "rules": tuple(self.rules)}
 
     def logits(self, input_ids) -> jax.Array:
         """input_ids [batch, seq] int -> float32 logits [batch, seq, vocab_size] (full forward, no cache).
@@ -293,4 +360,4 @@ class QwenModel:
         batch, seq = ids.shape
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         alpha = jnp.full((batch,), self.config.ntk_alpha(seq), jnp.float32)
-        return _forward(self.module, self.params, ids, positions, alpha)
+        return _forward(self.module, self.params, ids, positions, alpha, **self.placement)

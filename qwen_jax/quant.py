@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwen_jax.kernels import int8_matmul
+
 
 def group_size(qvalue: jax.Array, scales: jax.Array) -> int:
     k, groups = qvalue.shape[0], scales.shape[0]
@@ -29,18 +31,47 @@ def dequantize(qvalue: jax.Array, scales: jax.Array, dtype) -> jax.Array:
     return w.reshape(qvalue.shape).astype(dtype)
 
 
-def matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None) -> jax.Array:
+def matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None, layer: jax.Array | None = None) -> jax.Array:
     """x [..., K] @ weight [K, *N] -> [..., *N] in `out_dtype` (default x.dtype), accumulated in float32.
 
-    `weight` holds either {"kernel"} (float) or {"qvalue", "scales"} (int8). This XLA path dequantizes one
-    weight at a time inside the jitted step (XLA frees it after the dot); it is the CPU path and the
-    reference for the fused GPU kernel.
+    `weight` holds either {"kernel"} (float) or {"qvalue", "scales"} (int8). With `layer`, the arrays are stacks
+    [L, …] of all layers and layer `layer` is used. Int8 weights go to the fused GPU kernel when it supports the
+    shape (it reads the stack in place), everything else to `reference_matmul`.
+    """
+    if "qvalue" in weight and _kernel_applies(x, weight["qvalue"], weight["scales"], layer):
+        return int8_matmul.matmul(x, weight["qvalue"], weight["scales"], layer=layer, out_dtype=out_dtype or x.dtype)
+    return reference_matmul(x, weight, out_dtype, layer)
+
+
+def reference_matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None,
+                     layer: jax.Array | None = None) -> jax.Array:
+    """The XLA path of `matmul`: dequantize one layer inside the jitted step (XLA frees it after the dot), then dot.
+
+    The CPU path, and the reference the fused kernel is tested against.
     """
     if "qvalue" in weight:
-        kernel = dequantize(weight["qvalue"], weight["scales"], x.dtype)
+        kernel = dequantize(at_layer(weight["qvalue"], layer), at_layer(weight["scales"], layer), x.dtype)
     else:
-        kernel = weight["kernel"].astype(x.dtype)
-    y = jax.lax.dot_general(
-        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
+        kernel = at_layer(weight["kernel"], layer).astype(x.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision(x.dtype),
+                            preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
+
+
+def precision(dtype) -> jax.lax.Precision:
+    """Float32 activations ask for exactness: full float32 dots (GPUs otherwise use TF32 for float32 matmuls)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def at_layer(stack: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """Layer `layer` of a stacked parameter [L, …]; the parameter itself when `layer` is None."""
+    return stack if layer is None else jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False)
+
+
+def _kernel_applies(x, q, s, layer) -> bool:
+    # A Pallas call is opaque to XLA's SPMD partitioner, which would gather its sharded operands: under a mesh
+    # of several devices the XLA path runs (a shard_map'd kernel is future work).
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return False
+    return int8_matmul.supported(x, q, s, layer=layer)

@@ -4,6 +4,9 @@ Tests, benchmarks and the embedded demo share these. The files are what `Qwen/Qw
 shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, `config.json`,
 `generation_config.json` and `qwen.tiktoken` (a copy of the real vocabulary), tensors named
 `transformer.h.{i}.attn.c_attn.weight` etc. in PyTorch's [out, in] layout, float16 as in the released files.
+GPTQ Int8 checkpoints are what `Qwen/Qwen-*-Chat-Int8` ships: the same float tensors, and per quantized linear
+`qweight`/`qzeros`/`scales`/`g_idx`/`bias` (AutoGPTQ v1) with `quantize_config.json` and config.json's
+`quantization_config`.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def _bigram_lm_head(wte: np.ndarray, seed: int, strength: float = 4.0) -> np.nda
     v, d = wte.shape
     rng = _rng(seed, "lm_head.weight")
     head = rng.standard_normal((v, d), np.float32) * d ** -0.5
-    ordinary = 151643
+    ordinary = min(151643, v)  # test configs may have a smaller vocabulary
     head[rng.permutation(ordinary)] += strength * d ** -0.5 * wte[:ordinary].astype(np.float32)
     return head
 
@@ -151,6 +154,120 @@ def write_float_checkpoint(directory: str | Path, config: QwenConfig, seed: int 
 def float_tensors(config: QwenConfig, seed: int = 0, dtype=np.float16) -> dict[str, np.ndarray]:
     """The tensors `write_float_checkpoint` writes, in memory (for oracles in tests)."""
     return {name: make() for name, _, _, make in float_tensor_specs(config, seed, dtype)}
+
+
+# --- GPTQ Int8 (AutoGPTQ v1, as Qwen-*-Chat-Int8 ships it: QWEN_SPEC §2) -------------------------------------------
+
+# Uniform q - 128 over [-128, 127] has a standard deviation of about 74: scales of U(0.5, 1.5) / (74 sqrt(K)) give
+# weights of about 1 / sqrt(K), like the float fixture, so activations stay O(1) through any depth.
+_Q_STD = 74.0
+
+
+def gptq_quantize_config(group_size: int, desc_act: bool = False) -> dict:
+    """quantize_config.json as AutoGPTQ wrote it for Qwen-*-Chat-Int8 (no checkpoint_format key: v1)."""
+    return {"bits": 8, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act, "static_groups": False,
+            "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model"}
+
+
+def _gptq_values(seed: int, name: str, k: int, n: int, group: int, desc_act: bool):
+    """Makers of one linear's random q (uint8 [K, N]), scales (float16 [K/g, N]) and g_idx (int32 [K])."""
+
+    def q():
+        return _rng(seed, f"{name}.qweight").integers(0, 256, (k, n), dtype=np.uint8)
+
+    def scales():
+        spread = _rng(seed, f"{name}.scales").uniform(0.5, 1.5, (k // group, n))
+        return (spread / (_Q_STD * k ** 0.5)).astype(np.float16)
+
+    def g_idx():
+        if not desc_act:
+            return (np.arange(k) // group).astype(np.int32)
+        # Act-order as GPTQ does it: rows are quantized in a permuted order and grouped in that order.
+        order = _rng(seed, f"{name}.g_idx").permutation(k)
+        groups = np.empty(k, np.int32)
+        groups[order] = np.arange(k) // group
+        return groups
+
+    return q, scales, g_idx
+
+
+def pack_rows(q: np.ndarray) -> np.ndarray:
+    """uint8 [K, N] -> int32 [K/4, N]: row 4r + j in bits [8j, 8j + 8) of word r (AutoGPTQ's qweight packing)."""
+    k, n = q.shape
+    shifts = (8 * np.arange(4, dtype=np.uint32))[None, :, None]
+    words = np.bitwise_or.reduce(q.reshape(k // 4, 4, n).astype(np.uint32) << shifts, axis=1)
+    return words.view(np.int32)
+
+
+def _gptq_linear_specs(seed: int, name: str, k: int, n: int, group: int, desc_act: bool) -> list[TensorSpec]:
+    q, scales, g_idx = _gptq_values(seed, name, k, n, group, desc_act)
+    # Stored zero minus one, four per word along N: 127 everywhere for symmetric 8-bit.
+    zeros = np.full((k // group, n // 4), 0x7F7F7F7F, np.uint32).view(np.int32)
+    return [(f"{name}.qweight", (k // 4, n), np.dtype(np.int32), lambda: pack_rows(q())),
+            (f"{name}.qzeros", zeros.shape, np.dtype(np.int32), lambda: zeros),
+            (f"{name}.scales", (k // group, n), np.dtype(np.float16), scales),
+            (f"{name}.g_idx", (k,), np.dtype(np.int32), g_idx)]
+
+
+def _check_group(config: QwenConfig, group_size: int) -> None:
+    ks = (config.hidden_size, config.mlp_width)
+    if group_size % 4 or any(k % group_size for k in ks):
+        raise ValueError(f"group_size {group_size} must be a multiple of 4 dividing every K {ks}")
+
+
+def gptq_tensor_specs(config: QwenConfig, seed: int, group_size: int, desc_act: bool = False,
+                      zero_bias: bool = True) -> list[TensorSpec]:
+    """(name, shape, dtype, make) of every tensor of a GPTQ Int8 checkpoint, in the published order.
+
+    The float tensors (embeddings, norms, c_attn bias, lm_head) are the float fixture's; `zero_bias` adds the
+    all-zero biases that 2023-era AutoGPTQ wrote for every bias-free linear.
+    """
+    _check_group(config, group_size)
+    floats = {spec[0]: spec for spec in float_tensor_specs(config, seed)}
+    linears = layout.float_linear_names(config)
+    specs = [floats["transformer.wte.weight"]]
+    for i in range(config.num_hidden_layers):
+        pre = layout.layer_prefix(i)
+        specs.append(floats[f"{pre}.ln_1.weight"])
+        for part in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"):
+            if part == "mlp.w1":
+                specs.append(floats[f"{pre}.ln_2.weight"])
+            name = f"{pre}.{part}"
+            n, k = linears[name]
+            specs += _gptq_linear_specs(seed, name, k, n, group_size, desc_act)
+            if part == "attn.c_attn":
+                specs.append(floats[f"{name}.bias"])
+            elif zero_bias:
+                specs.append((f"{name}.bias", (n,), np.dtype(np.float16), lambda n=n: np.zeros(n, np.float16)))
+    specs += [floats["transformer.ln_f.weight"], floats["lm_head.weight"]]
+    return specs
+
+
+def write_gptq_checkpoint(directory: str | Path, config: QwenConfig, seed: int = 0, group_size: int = 128,
+                          desc_act: bool = False, zero_bias: bool = True, num_shards: int = 2) -> Path:
+    """A random GPTQ Int8 checkpoint of `config` in the published layout (Qwen-*-Chat-Int8), streamed to disk."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_sharded(directory, gptq_tensor_specs(config, seed, group_size, desc_act, zero_bias), num_shards)
+    quantize_config = gptq_quantize_config(group_size, desc_act)
+    write_metadata(directory, config, {"quantization_config": {**quantize_config, "quant_method": "gptq"}})
+    (directory / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2))
+    return directory
+
+
+def gptq_dequantized_tensors(config: QwenConfig, seed: int = 0, group_size: int = 128,
+                             desc_act: bool = False) -> dict[str, np.ndarray]:
+    """What `write_gptq_checkpoint` means, in memory, under the names of a float checkpoint (for oracles): the float
+    tensors as written, and each linear's `{name}.weight` [out, in] float32 = scales[g_idx[k], n] * (q[k, n] - 128).
+    """
+    _check_group(config, group_size)
+    tensors = {name: make() for name, _, _, make in float_tensor_specs(config, seed)
+               if name not in {f"{linear}.weight" for linear in layout.float_linear_names(config)}}
+    for name, (n, k) in layout.float_linear_names(config).items():
+        q, scales, g_idx = (make() for make in _gptq_values(seed, name, k, n, group_size, desc_act))
+        weight = scales.astype(np.float32)[g_idx] * (q.astype(np.float32) - 128)  # [K, N], exact in float32
+        tensors[f"{name}.weight"] = weight.T
+    return tensors
 
 
 def default_checkpoint_dir() -> Path:

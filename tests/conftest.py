@@ -1,3 +1,9 @@
+import os
+
+# 8 simulated CPU devices for the sharding tests; set before anything imports jax. Single-device code uses
+# the first device, so the other tests are unaffected.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
 import numpy as np
 import pytest
 
@@ -31,3 +37,49 @@ def hf_tiny(tiny_config, tiny_tensors):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# --- GPTQ Int8 ------------------------------------------------------------------------------------------------------
+
+GPTQ_GROUP = 32  # divides every K of the tiny presets (64, 128); the published 128 does not
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_dir(tmp_path_factory, tiny_config):
+    """A tiny GPTQ Int8 checkpoint in the published layout (v1, sym, 2023 zero biases, 2 shards), seed 0."""
+    return testing.write_gptq_checkpoint(tmp_path_factory.mktemp("tiny-gptq"), tiny_config, seed=0,
+                                         group_size=GPTQ_GROUP)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_tensors(tiny_config):
+    """The tiny GPTQ checkpoint's weights dequantized in memory, under float checkpoint names."""
+    return testing.gptq_dequantized_tensors(tiny_config, seed=0, group_size=GPTQ_GROUP)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_gptq(tiny_config, tiny_gptq_tensors):
+    from tests.oracle import qwen2_from_tensors
+
+    return qwen2_from_tensors(tiny_config, tiny_gptq_tensors)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_converted(tmp_path_factory, tiny_gptq_dir):
+    """`tiny_gptq_dir` converted to the orbax layout."""
+    from convert import convert
+
+    return convert(tiny_gptq_dir, tmp_path_factory.mktemp("converted") / "tiny-gptq", progress=False)
+
+
+@pytest.fixture(scope="session")
+def autogptq():
+    """AutoGPTQ 0.7.1's QuantLinear. Unobtainable (no network, no pip): a skip locally, a failure in CI."""
+    from tests.oracle import OracleUnavailable, autogptq_quant_linear
+
+    try:
+        return autogptq_quant_linear()
+    except OracleUnavailable as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the AutoGPTQ oracle is required in CI: {e}")
+        pytest.skip(f"the AutoGPTQ oracle is unavailable: {e}")

@@ -34,7 +34,7 @@ def test_cached_decoding_matches_full_forward(loaded):
     padded = np.where(np.arange(8)[None] < np.asarray(lengths)[:, None], seqs[:, :8], 151643)
     positions = np.broadcast_to(np.arange(8, dtype=np.int32), (batch, 8))
     alpha = jnp.ones(batch, jnp.float32)
-    logits, cache = module.apply({"params": model.params}, padded, positions, alpha, cache,
+    logits, cache = module(model.params, padded, positions, alpha, cache,
                                  logits_index=jnp.asarray(lengths) - 1)
     want = full[np.arange(batch), np.asarray(lengths) - 1]
     assert rel_err(np.asarray(logits)[:, 0, :151851], want[:, :151851]) <= 1e-4
@@ -42,7 +42,7 @@ def test_cached_decoding_matches_full_forward(loaded):
     while pos.max() < total:
         step_pos = np.minimum(pos, total - 1)  # rows that reached the end repeat their last step harmlessly
         token = seqs[np.arange(batch), step_pos]
-        logits, cache = module.apply({"params": model.params}, token[:, None], step_pos[:, None].astype(np.int32),
+        logits, cache = module(model.params, token[:, None], step_pos[:, None].astype(np.int32),
                                      alpha, cache)
         want = full[np.arange(batch), step_pos]
         assert rel_err(np.asarray(logits)[:, 0, :151851], want[:, :151851]) <= 1e-4

@@ -2,7 +2,8 @@
 
 Each parameter is described by a *lazy array*: anything with `.shape`, `.dtype` and `__getitem__(slices)` that
 returns a NumPy array of just that slice. Transposes and reshapes are NumPy views of the memory-mapped source,
-so the loader can ask for the slice a device owns and only those bytes are read.
+so the loader can ask for the slice a device owns and only those bytes are read. Parameters are keyed per layer
+(`h_{i}/attn/c_attn/kernel`), as checkpoints store them; qwen_jax.checkpoint.pieces stacks them for the model.
 """
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ class Stacked:
         rest = index[: self.axis] + index[self.axis + 1:]
         chosen = range(len(self.parts))[index[self.axis]]
         return np.stack([np.asarray(self.parts[i][rest]) for i in chosen], axis=self.axis)
+
+
+class MappedOnRead:
+    """Lazy `tensor.reshape(shape)` of one checkpoint tensor that maps its file only while a slice is read.
+
+    A memory map per tensor held for the whole load would keep one file descriptor open per tensor (over 1000 for a
+    72B GPTQ checkpoint, the usual limit) and keep every page read so far counted in the process's RSS.
+    """
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, name: str, stored_shape: tuple[int, ...], dtypes: tuple,
+                 shape: tuple[int, ...] | None = None):
+        stored = ckpt.get(name, stored_shape, dtypes)  # validates now; the map is dropped on return
+        self.ckpt, self.name, self.dtype = ckpt, name, stored.dtype
+        self.shape = tuple(shape or stored_shape)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return np.array(self.ckpt.get(self.name).reshape(self.shape)[index])
 
 
 def layer_prefix(i: int) -> str:

@@ -1,0 +1,234 @@
+"""`python -m qwen_jax.bench`: decode and prefill speed against the memory-bandwidth floor, on any device.
+
+    python -m qwen_jax.bench --preset 72b --batch 1 --context 1 --new-tokens 256
+    python -m qwen_jax.bench --preset 72b --layers 8 --weights bf16 --hf      # + HF Transformers, same shapes
+
+Weights are random, built on the device directly in the converted layout (stacked layers, int8 values + float16
+group scales, or float), so any preset runs without a checkpoint. One run measures the device's copy bandwidth,
+then prefill time and decode tokens/s, and prints: tokens/s, ms/token, GB/s moved per decode step (all weights
+but the embedding table, plus the KV cache read), % of the copy bandwidth, and peak device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax import sharding as sharding_lib
+from qwen_jax.cache import cache_bytes
+from qwen_jax.config import QwenConfig, preset
+from qwen_jax.decoding import GenerationConfig, generate_tokens
+from qwen_jax.model import QwenModel, abstract_params
+
+
+def median_seconds(fn, *args, reps: int = 10) -> float:
+    """Median wall time of `fn(*args)` after one warm-up call, blocking on the results."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """GB/s of `y = x * 2` over a `gib` GiB bfloat16 array, bytes read plus bytes written."""
+    n = int(gib * 2**30) // 2
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    double = jax.jit(lambda a: a * 2).lower(x).compile()
+    seconds = median_seconds(double, x, reps=20)
+    del x
+    return 2 * n * 2 / seconds / 1e9
+
+
+def random_params(config: QwenConfig, dtype, quant_group: int | None, mesh, rules) -> dict:
+    """Random parameters in the loaded layout, each array created in its shards (never whole on one device)."""
+    abstract = abstract_params(config, dtype, quant_group)
+    shardings = sharding_lib.shardings(abstract, mesh, rules)
+    specs = jax.tree_util.tree_map(lambda box: box.value, abstract,
+                                   is_leaf=lambda x: hasattr(x, "names") and hasattr(x, "value"))
+    leaves, treedef = jax.tree_util.tree_flatten(specs)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+
+    def make(key, spec):
+        if spec.dtype == jnp.int8:  # a hash of the index: one fused elementwise pass, no 4-byte-per-value RNG buffer
+            h = sum(jax.lax.broadcasted_iota(jnp.uint32, spec.shape, d) * jnp.uint32(p)
+                    for d, p in enumerate((2654435761, 2246822519, 3266489917, 668265263, 374761393)[:len(spec.shape)]))
+            h = (h ^ (h >> 15)) * jnp.uint32(0x2C1B3C6D)
+            return jax.lax.bitcast_convert_type((h >> 24).astype(jnp.uint8), jnp.int8)
+        if spec.dtype == jnp.float16:  # group scales: GPTQ-like magnitudes keep activations finite
+            return jax.random.uniform(key, spec.shape, jnp.float32, 1e-4, 2e-4).astype(jnp.float16)
+        return (0.02 * jax.random.normal(key, spec.shape, jnp.float32)).astype(spec.dtype)
+
+    out = [jax.jit(make, static_argnums=1, out_shardings=sharding)(key, spec)
+           for key, spec, sharding in zip(keys, leaves, jax.tree_util.tree_leaves(shardings))]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def streamed_bytes(config: QwenConfig, params, batch: int, context: int, dtype) -> int:
+    """Bytes one decode step must read: every parameter but the embedding table (one row per token), + KV cache."""
+    weights = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params)
+                  if path[0].key != "wte")
+    return weights + cache_bytes(config, batch, context, dtype)
+
+
+def peak_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+@dataclasses.dataclass
+class Result:
+    label: str
+    batch: int
+    context: int
+    new_tokens: int
+    prefill_ms: float
+    tokens_per_s: float
+    ms_per_token: float
+    gb_per_s: float
+    pct_copy: float
+    peak_gib: float | None
+
+
+def run_model(model: QwenModel, batch: int, context: int, new_tokens: int, copy_gbps: float, label: str) -> Result:
+    """Prefill `context` random tokens per row, then decode `new_tokens` greedily (no stop token)."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 151643, context).tolist() for _ in range(batch)]
+
+    def timed(n):
+        gen = GenerationConfig.resolve({}, max_new_tokens=n, do_sample=False, repetition_penalty=1.0)
+        start = time.perf_counter()
+        list(generate_tokens(model, prompts, gen))
+        return time.perf_counter() - start
+
+    timed(1), timed(new_tokens)  # compile prefill and decode for both buffer sizes
+    prefill = min(timed(1) for _ in range(3))
+    total = min(timed(new_tokens) for _ in range(2))
+    decode_s = (total - prefill) / (new_tokens - 1)
+    mean_context = context + new_tokens / 2
+    moved = streamed_bytes(model.config, model.params, batch, int(mean_context), model.dtype)
+    gbps = moved / decode_s / 1e9
+    return Result(label, batch, context, new_tokens, prefill * 1e3, batch / decode_s, decode_s * 1e3, gbps,
+                  100 * gbps / copy_gbps, peak_memory_gib())
+
+
+HF_SCRIPT = r"""
+import json, sys, time, torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+a = json.loads(sys.argv[1])
+cfg = Qwen2Config(vocab_size=a["vocab"], hidden_size=a["d"], intermediate_size=a["f"], num_hidden_layers=a["layers"],
+                  num_attention_heads=a["heads"], num_key_value_heads=a["heads"], max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": a["base"]}, tie_word_embeddings=False)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+ids = torch.randint(0, 151643, (a["batch"], a["context"]), device="cuda")
+def gen(n):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize(); return time.perf_counter() - t
+gen(2); gen(a["new"])
+t1, tn = min(gen(1) for _ in range(2)), gen(a["new"])
+print(json.dumps({"prefill_ms": t1 * 1e3, "tokens_per_s": a["batch"] * (a["new"] - 1) / (tn - t1),
+                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+"""
+
+
+def run_hf(config: QwenConfig, batch: int, context: int, new_tokens: int) -> dict:
+    """HF Transformers' Qwen2 (bf16, random weights, same shapes) in a separate process: JAX holds the GPU here."""
+    args = {"vocab": config.vocab_size, "d": config.hidden_size, "f": config.mlp_width,
+            "layers": config.num_hidden_layers, "heads": config.num_attention_heads, "base": config.rotary_emb_base,
+            "batch": batch, "context": context, "new": new_tokens}
+    out = subprocess.run([sys.executable, "-c", HF_SCRIPT, json.dumps(args)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"HF baseline failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[Result], copy_gbps: float, header: str) -> str:
+    lines = [f"### {header}", "",
+             f"Copy bandwidth measured in the same run: {copy_gbps:.0f} GB/s.", "",
+             "| run | batch | context | new | prefill ms | tokens/s | ms/token | GB/s | % of copy | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        peak = "—" if r.peak_gib is None else f"{r.peak_gib:.1f}"
+        lines.append(f"| {r.label} | {r.batch} | {r.context} | {r.new_tokens} | {r.prefill_ms:.1f} | "
+                     f"{r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | {r.gb_per_s:.0f} | {r.pct_copy:.0f}% | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_jax.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="72b")
+    parser.add_argument("--layers", type=int, help="override the preset's layer count")
+    parser.add_argument("--weights", choices=["int8", "bf16"], default="int8")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--context", type=int, nargs="+", default=[1])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--hf", action="store_true", help="also time HF Transformers bf16 on the same shapes")
+    parser.add_argument("--markdown", help="append the table to this file (e.g. BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+
+    config = preset(args.preset)
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers)
+    quant_group = args.group_size if args.weights == "int8" else None
+    hf_results = []
+    if args.hf:  # first: once JAX's client starts it holds most of the GPU memory until this process exits
+        for batch in args.batch:
+            for context in args.context:
+                hf = run_hf(config, batch, context, args.new_tokens)
+                bf16_bytes = 2 * (config.num_params - config.vocab_size * config.hidden_size)
+                moved = bf16_bytes + cache_bytes(config, batch, context + args.new_tokens // 2, jnp.bfloat16)
+                hf_results.append((batch, context, hf, moved))
+    mesh = sharding_lib.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
+    copy_gbps = copy_bandwidth(4.0 if jax.default_backend() == "gpu" else 0.25)
+    start = time.perf_counter()
+    params = random_params(config, jnp.bfloat16, quant_group, mesh, ())
+    jax.block_until_ready(params)
+    print(f"[bench] {config.num_hidden_layers}-layer {args.preset} ({args.weights}) placed in "
+          f"{time.perf_counter() - start:.1f} s; copy bandwidth {copy_gbps:.0f} GB/s", file=sys.stderr)
+    model = QwenModel(config, params, jnp.bfloat16, quant_group, mesh=mesh, rules=())
+    label = f"qwen_jax {args.weights}"
+    results = []
+    for batch in args.batch:
+        for context in args.context:
+            results.append(run_model(model, batch, context, args.new_tokens, copy_gbps, label))
+            print(table(results[-1:], copy_gbps, "partial"), file=sys.stderr)
+    del model, params
+    for batch, context, hf, moved in hf_results:
+        gbps = moved * hf["tokens_per_s"] / batch / 1e9
+        results.append(Result("HF transformers bf16 generate", batch, context, args.new_tokens, hf["prefill_ms"],
+                              hf["tokens_per_s"], 1e3 * batch / hf["tokens_per_s"], gbps, 100 * gbps / copy_gbps,
+                              hf["peak_gib"]))
+    device = jax.devices()[0]
+    header = (f"{args.preset} × {config.num_hidden_layers} layers, {args.weights} — "
+              f"{getattr(device, 'device_kind', device.platform)}, jax {jax.__version__}, {datetime.date.today()}; "
+              f"`python -m qwen_jax.bench {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    text = table(results, copy_gbps, header)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

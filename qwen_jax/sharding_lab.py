@@ -1,0 +1,159 @@
+"""Compare sharding strategies honestly: bytes per device, collectives in the compiled decode step, step time.
+
+    rows = sweep("/models/tiny", ["replicated", "tp", "fsdp", "dp_tp"], [(1, 8), (2, 4)], batch=8)
+    print(format_table(rows))
+
+Collectives are read from the compiled HLO of one decode step (the program XLA will run), not from a model of
+what the strategy should do.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import statistics
+import time
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax import sharding as sharding_lib
+from qwen_jax.cache import init_cache
+from qwen_jax.model import QwenModel, apply
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_LINE = re.compile(r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>[^ ]+) \(")
+_WHILE = re.compile(r"body=%(?P<body>[^ ,]+).*?known_trip_count\":\{\"n\":\"(?P<n>\d+)\"")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """{computation name: its instruction lines}, and the entry computation's name."""
+    computations, current, entry = {}, None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and line.rstrip().endswith("{"):
+            current = header["name"]
+            computations[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            computations[current].append(line)
+    return computations, entry
+
+
+def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """{op: (count, bytes of results)} that one run of compiled HLO executes (async starts counted once).
+
+    A collective inside a loop body with a known trip count (the layer loop) counts once per iteration.
+    """
+    computations, entry = _computations(hlo_text)
+    found: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+
+    def visit(name: str, times: int) -> None:
+        for line in computations.get(name, ()):
+            loop = _WHILE.search(line)
+            if loop:
+                visit(loop["body"], times * int(loop["n"]))
+            match = _COLLECTIVE_LINE.search(line)
+            if match:
+                nbytes = sum(_DTYPE_BYTES.get(a["dtype"], 4) * int(np.prod([int(d) for d in a["dims"].split(",") if d]))
+                             for a in _ARRAY.finditer(match["shape"]))
+                found[match["op"]][0] += times
+                found[match["op"]][1] += times * nbytes
+
+    visit(entry, 1)
+    return {op: tuple(v) for op, v in found.items()}
+
+
+def bytes_per_device(tree) -> list[int]:
+    """Bytes each device of the tree's arrays holds (shards it owns), in device order."""
+    per_device: dict[int, int] = collections.Counter()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device.id] += shard.data.nbytes
+    return [per_device[d] for d in sorted(per_device)]
+
+
+@dataclasses.dataclass
+class Report:
+    strategy: str
+    mesh: str
+    batch: int
+    kv_len: int
+    param_bytes: list[int]  # per device
+    cache_bytes: list[int]  # per device
+    collectives: dict[str, tuple[int, int]]
+    step_ms: float
+
+    def row(self) -> dict:
+        coll = ", ".join(f"{op} ×{n} ({b / 1024:.1f} KiB)" for op, (n, b) in sorted(self.collectives.items()))
+        return {"strategy": self.strategy, "mesh": self.mesh, "batch": self.batch,
+                "params MiB/device": f"{max(self.param_bytes) / 2**20:.2f}",
+                "cache MiB/device": f"{max(self.cache_bytes) / 2**20:.2f}",
+                "collectives per step": coll or "none", "step ms": f"{self.step_ms:.2f}"}
+
+
+def decode_step_fn(model: QwenModel):
+    """One jitted decode step (batch of single tokens through the cache, greedy pick), under the model's mesh."""
+
+    def step(params, tokens, positions, cache):
+        alpha = jnp.ones(tokens.shape[0], jnp.float32)
+        logits, cache = apply(model.module, params, tokens, positions, alpha, cache, **model.placement)
+        return jnp.argmax(logits[:, 0], axis=-1), cache
+
+    return jax.jit(step, donate_argnums=(3,))
+
+
+def report(model: QwenModel, strategy: str, batch: int = 1, kv_len: int = 256, steps: int = 10) -> Report:
+    """Measure `model` (already placed by `strategy` on `model.mesh`) for a decode step at `batch` × `kv_len`."""
+    cache = init_cache(model.config, batch, kv_len, model.dtype, **model.placement)
+    tokens = jnp.zeros((batch, 1), jnp.int32)
+    positions = jnp.full((batch, 1), kv_len // 2, jnp.int32)
+    step = decode_step_fn(model)
+    compiled = step.lower(model.params, tokens, positions, cache).compile()
+    found = collectives(compiled.as_text())
+    cache_bytes = bytes_per_device(cache)
+    _, cache = jax.block_until_ready(compiled(model.params, tokens, positions, cache))  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _, cache = jax.block_until_ready(compiled(model.params, tokens, positions, cache))
+        times.append(time.perf_counter() - start)
+    mesh = "×".join(f"{model.mesh.shape[a]}" for a in model.mesh.axis_names) if model.mesh is not None else "1"
+    return Report(strategy, mesh, batch, kv_len, bytes_per_device(model.params), cache_bytes, found,
+                  statistics.median(times) * 1e3)
+
+
+def sweep(path, strategies: Iterable[str], mesh_shapes: Sequence[tuple[int, int]], batch: int = 8,
+          kv_len: int = 256, dtype="float32", devices=None) -> list[Report]:
+    """Load the checkpoint at `path` under every (strategy, data×model mesh) pair and `report` each."""
+    from qwen_jax.loading import load
+
+    reports = []
+    for strategy in strategies:
+        for data, model_axis in mesh_shapes:
+            mesh = sharding_lib.make_mesh({"data": data, "model": model_axis}, devices)
+            model, _ = load(path, dtype=dtype, mesh=mesh, strategy=strategy)
+            reports.append(report(model, strategy, batch, kv_len))
+            del model
+    return reports
+
+
+def format_table(reports: Sequence[Report]) -> str:
+    rows = [r.row() for r in reports]
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) + " |" for r in rows]
+    return "\n".join(lines)
