@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.config import QwenConfig
+from qwen_jax.kernels import int8_matmul
 
 Cache = dict[str, jax.Array]
 KV_AXES = ("layers", "batch", "kv_len", "kv_heads", "head_dim")
@@ -32,6 +33,51 @@ def init_cache(config: QwenConfig, batch: int, max_len: int, dtype, mesh=None, r
 def cache_bytes(config: QwenConfig, batch: int, max_len: int, dtype) -> int:
     per_layer = 2 * batch * max_len * config.num_attention_heads * config.head_dim * jnp.dtype(dtype).itemsize
     return config.num_hidden_layers * per_layer
+
+
+class MemoryPreflightError(MemoryError):
+    """A request that would not fit in device memory, refused before anything is allocated for it."""
+
+
+def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dtype, mesh=None,
+                             rules=(), quant_group: int | None = None) -> dict[str, int]:
+    """Device bytes a generation request adds on the fullest device: its KV cache, the prefill's attention scores
+    ([batch, heads, prompt, max_len] float32, the largest temporary of the XLA attention path) and, for int8
+    weights, the prefill's dequantized copy of the widest layer (float32 products, then the dot's bf16 operand:
+    prefills of more than int8_matmul.MAX_KERNEL_M tokens take the dequantize + cuBLAS path)."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_attention_heads, config.head_dim)
+    split = 1
+    if mesh is not None:
+        shard = sharding_lib.named_sharding(mesh, rules, KV_AXES).shard_shape(shape)
+        split = max(1, (batch * config.num_attention_heads) // (shard[1] * shard[3]))
+    scores = 4 * batch * config.num_attention_heads * prompt_len * max_len
+    need = {"KV cache": cache_bytes(config, batch, max_len, dtype) // split, "prefill attention scores": scores // split}
+    if quant_group and batch * prompt_len > int8_matmul.MAX_KERNEL_M:
+        widest = config.hidden_size * 2 * config.mlp_width  # mlp/w1w2
+        need["prefill dequantized layer"] = widest * (4 + jnp.dtype(dtype).itemsize) // split
+    return need
+
+
+def preflight(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dtype, mesh=None, rules=(),
+              quant_group: int | None = None, free_bytes: int | None = None) -> None:
+    """Refuse a request that cannot fit, with the numbers, instead of an out-of-memory error from XLA.
+
+    `free_bytes` defaults to the first device's limit minus its use, where the backend reports them (GPUs/TPUs).
+    """
+    if free_bytes is None:
+        device = jax.local_devices()[0] if mesh is None else next(
+            d for d in mesh.devices.flat if d.process_index == jax.process_index())
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return  # the host CPU backend does not report memory
+        free_bytes = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    need = request_bytes_per_device(config, batch, prompt_len, max_len, dtype, mesh, rules, quant_group)
+    if sum(need.values()) > free_bytes:
+        parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items())
+        raise MemoryPreflightError(
+            f"this request needs {sum(need.values()) / 2**30:.2f} GiB per device ({parts}) for batch {batch}, "
+            f"prompt {prompt_len} and {max_len} cache slots, but only {free_bytes / 2**30:.2f} GiB is free: "
+            "shorten the prompt or max_new_tokens, lower the batch, or shard over more devices")
 
 
 def write(cache: Cache, layer: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> Cache:

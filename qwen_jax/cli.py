@@ -1,4 +1,4 @@
-"""`qwen-jax`: the command line (chat now; batch and bench join as they land)."""
+"""`qwen-jax`: the command line (`chat`, `batch`)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,32 @@ def cmd_chat(args) -> int:
         history.append((query, shown))
 
 
+def cmd_batch(args) -> int:
+    import json
+
+    from qwen_jax.batch import run_job
+    from qwen_jax.chat_format import DEFAULT_SYSTEM
+
+    model, tokenizer = _load(args)
+    summary = run_job(model, tokenizer, args.input, args.output, args.errors, chat=args.chat,
+                      system=args.system or DEFAULT_SYSTEM, seed=args.seed if args.seed is not None else 0,
+                      num_slots=args.slots, chunk=args.chunk, max_group=args.max_group,
+                      max_prompt_tokens=args.max_prompt_tokens, num_replicas=args.num_replicas,
+                      replica_index=args.replica_index, progress=not args.no_progress,
+                      **{k: v for k, v in _gen_kwargs(args).items() if k != "seed"})
+    print(json.dumps(summary, indent=1), file=sys.stderr)
+    return 0
+
+
+def _add_model_and_gen_flags(parser) -> None:
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny random model)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--system", help="system prompt (default: 'You are a helpful assistant.')")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    for name, (kind, help_text) in GEN_OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-jax", description="Qwen (v1) chat models in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (kind, help_text) in GEN_OPTIONS.items():
         chat.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
     chat.set_defaults(func=cmd_chat)
+
+    batch = sub.add_parser("batch", help="generate for every line of a JSONL file (resumable, exactly-once)")
+    batch.add_argument("--input", required=True, help="JSONL: {id, prompt} | {id, messages} | {id, query, history}")
+    batch.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    batch.add_argument("--errors", help="JSONL of rejected lines (default: OUTPUT.errors.jsonl)")
+    batch.add_argument("--chat", action="store_true", help="wrap raw `prompt` lines in ChatML as a user query")
+    batch.add_argument("--slots", type=int, default=16, help="sequences decoded at once (continuous batching)")
+    batch.add_argument("--chunk", type=int, default=8, help="decode steps per device call between admissions")
+    batch.add_argument("--max-group", type=int, default=8, help="requests prefilled per call at most")
+    batch.add_argument("--max-prompt-tokens", type=int, help="longer prompts are rejected (default: max_window_size)")
+    batch.add_argument("--num-replicas", type=int, default=1, help="processes sharing the input (by hash of id)")
+    batch.add_argument("--replica-index", type=int, default=0, help="this process's share, 0 .. num-replicas - 1")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_and_gen_flags(batch)
+    batch.set_defaults(func=cmd_batch)
     return parser
 
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import sampling
-from qwen_jax.cache import init_cache
+from qwen_jax import sharding as sharding_lib
+from qwen_jax.cache import init_cache, preflight
 from qwen_jax.model import Qwen, QwenModel, apply
 
 MIN_BUCKET = 16
@@ -210,6 +211,7 @@ def generate_tokens(model: QwenModel, prompts: Sequence[Sequence[int]], gen: Gen
     stops = jnp.asarray(_stop_table([*stop_sequences, *gen.stop_words_ids]))
     ntk_alpha = jnp.asarray([config.ntk_alpha(n) for n in lengths], jnp.float32)
     max_new = jnp.asarray(gen.max_new_tokens, jnp.int32)
+    preflight(config, batch, seq, max_len, model.dtype, quant_group=model.quant_group, **model.placement)
     cache = init_cache(config, batch, max_len, model.dtype, **model.placement)
     state = _prefill(model.module, model.params, jnp.asarray(ids), jnp.asarray(lengths, jnp.int32), ntk_alpha,
                      cache, params_sampling, stops, max_new, bucket(gen.max_new_tokens), **model.placement)
@@ -218,10 +220,45 @@ def generate_tokens(model: QwenModel, prompts: Sequence[Sequence[int]], gen: Gen
         limit = gen.max_new_tokens if chunk is None else limit + chunk
         state = _decode(model.module, model.params, state, params_sampling, stops, max_new, jnp.asarray(limit),
                         **model.placement)
-        tokens, num, done, stop_len = jax.device_get((state.tokens, state.num_generated, state.done, state.stop_len))
+        tokens, num, done, stop_len = sharding_lib.to_host((state.tokens, state.num_generated, state.done,
+                                                            state.stop_len))
         finished = bool(done.all())
         reasons = ["stop" if stop_len[r] else "length" if done[r] else None for r in range(batch)]
         yield [Generation(tokens[r, :num[r] - stop_len[r]].tolist(), reasons[r], lengths[r], seeds[r])
                for r in range(batch)]
         if finished:
             return
+
+
+# --- continuous batching: a fixed set of slots whose rows are replaced as requests finish (qwen_jax.batch) ------
+
+
+def idle_state(cache, batch: int, buffer_len: int, vocab_size: int) -> DecodeState:
+    """A DecodeState whose `batch` rows are all free: done, with one dummy token at position 0.
+
+    num_generated = prompt_len = 1 keeps an idle row's decode position at 0 (never negative) while `_decode`
+    steps the other rows; what it writes there is overwritten when a request is inserted into the row.
+    """
+    # Distinct buffers per field: the state is donated, and one buffer may not be donated twice.
+    return DecodeState(
+        cache=cache, tokens=jnp.zeros((batch, buffer_len), jnp.int32), num_generated=jnp.ones(batch, jnp.int32),
+        done=jnp.ones(batch, bool), stop_len=jnp.zeros(batch, jnp.int32), seen=jnp.zeros((batch, vocab_size), bool),
+        prompt_len=jnp.ones(batch, jnp.int32), ntk_alpha=jnp.ones(batch, jnp.float32), steps=jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert_rows(state: DecodeState, group: DecodeState, slots: jax.Array) -> DecodeState:
+    """Copy row g of `group` (e.g. `_prefill`'s output) into row slots[g] of `state`; slots [G] int32.
+
+    A slot index >= state's batch drops that group row (padding rows of a fixed-size group), so one program
+    serves every admission. The cache must have the same max_len and the tokens buffer the same length.
+    `steps` is the running state's (its step limit keeps counting across admissions).
+    """
+    def put(dst, src, axis):
+        index = (slice(None),) * axis + (slots,)
+        return dst.at[index].set(src.astype(dst.dtype), mode="drop")
+
+    cache = {name: put(state.cache[name], group.cache[name], 1) for name in state.cache}  # [L, B, T, H, hd]
+    rows = {f: put(getattr(state, f), getattr(group, f), 0)
+            for f in ("tokens", "num_generated", "done", "stop_len", "seen", "prompt_len", "ntk_alpha")}
+    return state.replace(cache=cache, **rows)

@@ -128,3 +128,15 @@ def activate(mesh: Mesh, rules: str | Rules):
     """While tracing (inside jit): the mesh and rules that turn the model's logical constraints into shardings."""
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(get_rules(rules)):
         yield
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of a tree of arrays, gathered across processes where a process holds only part of one."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(fetch, tree)

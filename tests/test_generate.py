@@ -167,3 +167,16 @@ def test_defaults_come_from_generation_config(loaded):
     assert (gen.top_p, gen.top_k, gen.repetition_penalty, gen.max_new_tokens, gen.do_sample, gen.max_window_size) == \
         (0.8, 0, 1.1, 512, True, 6144)
     assert GenerationConfig.resolve(model.generation_config, top_p=0.5).top_p == 0.5
+
+
+def test_preflight_refuses_what_cannot_fit(loaded):
+    from qwen_jax.cache import MemoryPreflightError, preflight, request_bytes_per_device
+
+    model, _ = loaded
+    need = request_bytes_per_device(model.config, 4, 64, 1024, model.dtype)
+    # 2 layers × 2 (k, v) × 4 rows × 1024 slots × 2 heads × 32 × 4 bytes, and 4 × 2 × 64 × 1024 float32 scores
+    assert need == {"KV cache": 4 * 1024 * 1024, "prefill attention scores": 2 * 1024 * 1024}
+    preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=7 * 2**20)
+    with pytest.raises(MemoryPreflightError, match=r"needs 0.01 GiB per device \(KV cache 0.00 GiB.*batch 4, "
+                                                   r"prompt 64 and 1024 cache slots.*only 0.00 GiB is free"):
+        preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=5 * 2**20)
