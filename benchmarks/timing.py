@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+
+from qwen_jax.bench import copy_bandwidth, median_seconds  # noqa: F401  (shared with the whole-model bench)
 
 
 def describe() -> str:
@@ -23,27 +23,6 @@ def describe() -> str:
 
 def host() -> str:
     return f"{platform.machine()} host CPU, jax {jax.__version__}, {datetime.date.today().isoformat()}"
-
-
-def median_seconds(fn, *args, reps: int = 10) -> float:
-    """Median wall time of `fn(*args)` (already compiled), after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def copy_bandwidth(gib: float = 4.0) -> float:
-    """GB/s of `y = x * 2` over a `gib` GiB bfloat16 array, bytes read plus bytes written."""
-    n = int(gib * 2**30) // 2
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 2).lower(x).compile()
-    seconds = median_seconds(f, x, reps=20)
-    del x
-    return 2 * n * 2 / seconds / 1e9
 
 
 def int8_weight(key, k: int, n_shape: tuple[int, ...], group: int = 128):
