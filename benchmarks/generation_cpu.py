@@ -20,7 +20,6 @@ import numpy as np
 import qwen_jax
 from qwen_jax import decoding as gen_lib
 from qwen_jax import testing
-from qwen_jax.chat_format import chat_stop_ids
 from qwen_jax.config import preset
 
 SMALL = preset("tiny").replace(hidden_size=512, num_hidden_layers=8, num_attention_heads=4, kv_channels=128,

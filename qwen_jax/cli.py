@@ -115,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat with a model: one-shot with QUERY, else interactive")
     chat.add_argument("query", nargs="?", help="one question; prints the answer and exits")
-    chat.add_argument("--model", help="checkpoint directory (default: the embedded tiny random model)")
-    chat.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    chat.add_argument("--system", help="system prompt (default: 'You are a helpful assistant.')")
-    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    for name, (kind, help_text) in GEN_OPTIONS.items():
-        chat.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+    _add_model_and_gen_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
     batch = sub.add_parser("batch", help="generate for every line of a JSONL file (resumable, exactly-once)")

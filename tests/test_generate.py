@@ -1,6 +1,5 @@
 """KV-cache decoding, greedy chat against transformers, stopping, batching and streaming."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
