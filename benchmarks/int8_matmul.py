@@ -1,6 +1,7 @@
-"""The fused int8 matmul against the XLA int8 path and a bf16 dot, at Qwen-72B's layer shapes, on one GPU.
+"""The fused matmul kernel against XLA's paths, at Qwen-72B's layer shapes, on one GPU: int8, or bf16 (--float).
 
     PYTHONPATH=. python benchmarks/int8_matmul.py [--sweep] [--budget-s 400] [--markdown FILE] [--out DIR]
+    PYTHONPATH=. python benchmarks/int8_matmul.py --float [--ms 1,16] [--markdown FILE]
 
 One run measures the HBM copy bandwidth, then per layer shape (K×N) and M: µs per call, GB/s of int8 + scales
 bytes and % of the copy bandwidth for the kernel, the XLA path (qwen_jax.quant.reference_matmul: dequantize, then dot) and a
@@ -8,6 +9,10 @@ bf16 dot of the same shape (GB/s of its bf16 bytes), and each path's relative er
 `--sweep` first searches kernel configs per shape and M bucket (staged: tile and K split, then pipelining, then the
 other M buckets) within `--budget-s` seconds, uses the winners in the table and prints them as
 `int8_matmul._TUNED` entries; without it the kernel's own `default_config` picks.
+
+`--float` times bf16 weights instead, stacked as the model holds them: the kernel reading layer i of the stack in
+place, against XLA's dot on the stack sliced by the same traced index (qwen_jax.quant.reference_matmul: what the
+model ran, copying the slice first) and on separate unstacked [K, N] weights (no copy: the bound to beat).
 
 Timing (timing.py): the sweep ranks configs by a batch of 8 independent calls / 8, which includes a share of the
 host dispatch (≈ 20 µs per call on the H100); the table removes it by timing 8 and 2 calls and dividing the
@@ -40,6 +45,8 @@ SHAPES = {  # name -> (K, N): the four int8 linears of a Qwen-72B block, N flatt
 }
 GROUP = 128
 SETS = 8  # distinct weight sets (and inputs) per timed batch: no call reuses another's weights or L2 lines
+# Layers of a --float stack: at 12 every 72B stack lies outside 2–4 GiB, where the kernel would read an XLA slice.
+FLOAT_LAYERS = 12
 
 
 def kernel_path(cfg):
@@ -52,6 +59,14 @@ def xla_path(x, q, s):
 
 def bf16_path(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def float_kernel_path(x, stack, layer):
+    return km.matmul(x, stack, layer=layer)
+
+
+def float_xla_path(x, w, layer=None):
+    return quant.reference_matmul(x, {"kernel": w}, layer=layer)
 
 
 def rel_err(y, ref) -> float:
@@ -180,6 +195,11 @@ def sweep(shape: Shape, prefill_m: int, deadline: float, forms: set[str], log: d
     return {m: c[0] for m, c in best.items() if c}
 
 
+def config_text(cfg) -> str:
+    return (f"{cfg.form} bm{cfg.block_m} bn{cfg.block_n} g{cfg.groups_per_step} s{cfg.k_splits} "
+            f"w{cfg.num_warps} st{cfg.num_stages}") if cfg else "XLA"
+
+
 def table(shape: Shape, name: str, ms, configs: dict, copy_gbs: float, bf16_weights: list) -> list[str]:
     rows = []
     for m in ms:
@@ -199,12 +219,54 @@ def table(shape: Shape, name: str, ms, configs: dict, copy_gbs: float, bf16_weig
         gbs = {p: (shape.bytes if p != "bf16" else 2 * shape.k * shape.n) / t / 1e3 for p, t in us.items()}
         kern = (f"{us['kernel']:.1f} | {gbs['kernel']:.0f} | {100 * gbs['kernel'] / copy_gbs:.0f}% | "
                 f"{err['kernel']:.1e} | {us['xla'] / us['kernel']:.2f}×") if cfg else "— | — | — | — | —"
-        cfg_text = (f"{cfg.form} bm{cfg.block_m} bn{cfg.block_n} g{cfg.groups_per_step} s{cfg.k_splits} "
-                    f"w{cfg.num_warps} st{cfg.num_stages}") if cfg else "XLA"
-        rows.append(f"| {name} {shape.k}×{shape.n} | {m} | {cfg_text} | {kern} | {us['xla']:.1f} | {gbs['xla']:.0f} | "
-                    f"{err['xla']:.1e} | {us['bf16']:.1f} | {gbs['bf16']:.0f} |")
+        rows.append(f"| {name} {shape.k}×{shape.n} | {m} | {config_text(cfg)} | {kern} | {us['xla']:.1f} | "
+                    f"{gbs['xla']:.0f} | {err['xla']:.1e} | {us['bf16']:.1f} | {gbs['bf16']:.0f} |")
         print(rows[-1], flush=True)
     return rows
+
+
+def ref_dot(x, w):
+    """float32 x @ w with exact float32 products (HIGHEST precision)."""
+    return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def float_table(name: str, ms, copy_gbs: float) -> list[str]:
+    """Rows of the --float table for one 72B shape: kernel in place vs XLA's dot on the sliced stack / unstacked."""
+    k, n = SHAPES[name]
+    keys = jax.random.split(jax.random.key(len(name)), FLOAT_LAYERS)
+    # One layer at a time under lax.map: no float32 temporary of the whole stack.
+    stack = jax.jit(lambda keys: jax.lax.map(lambda key: jax.random.normal(key, (k, n), jnp.bfloat16), keys))(keys)
+    unstacked = [stack[i] for i in range(SETS)]  # own buffers, as separate per-layer arrays would be
+    layers = [jnp.int32(i) for i in range(SETS)]  # arguments of the jitted batch: traced, as in the model's loop
+    rows = []
+    for m in ms:
+        xs = [jax.random.normal(key, (m, k), jnp.bfloat16) for key in jax.random.split(jax.random.key(1000 + m), SETS)]
+        in_place = [(x, stack, i) for x, i in zip(xs, layers)]
+        ref = ref_dot(xs[0], stack[0])
+        cells = []
+        for fn, sets in [(float_kernel_path, in_place), (float_xla_path, in_place),
+                         (float_xla_path, list(zip(xs, unstacked)))]:
+            seconds, first = timing.per_call_seconds(fn, sets, reps=10)
+            cells += [f"{seconds * 1e6:.1f}", f"{100 * 2 * k * n / seconds / 1e9 / copy_gbs:.0f}%",
+                      f"{rel_err(first, ref):.1e}"]
+        cfg = km.default_config(m, k, n, km.FLOAT_GROUP, 2)
+        rows.append(f"| {name} {k}×{n} | {m} | {config_text(cfg)} | {' | '.join(cells)} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def float_main(names, ms, copy_gbs: float, markdown: str) -> None:
+    lines = [f"bf16 matmul on a stack of {FLOAT_LAYERS} layers, layer index traced, {timing.describe()}, copy "
+             f"bandwidth {copy_gbs:.0f} GB/s (`PYTHONPATH=. python benchmarks/int8_matmul.py --float`); kernel: "
+             "in place; XLA sliced: quant.reference_matmul on the stack; XLA unstacked: the dot on a separate "
+             "[K, N] array; % copy: of the 2·K·N weight bytes; error: ‖y − ref‖/‖ref‖ vs float32:", "",
+             "| matrix K×N | M | kernel config | kernel µs | % copy | error | XLA sliced µs | % copy | error "
+             "| XLA unstacked µs | % copy | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        lines += float_table(name, ms, copy_gbs)
+    timing.append_markdown(markdown, lines + [""])
+    print("\n".join(lines))
 
 
 def main():
@@ -212,7 +274,8 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--budget-s", type=float, default=400, help="seconds for the sweep, from the start")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--ms", default="1,4,16,64")
+    parser.add_argument("--float", action="store_true", help="bf16 stacked weights: kernel vs XLA's dot")
+    parser.add_argument("--ms", help="batch sizes M (default 1,4,16,64; with --float 1,16)")
     parser.add_argument("--prefill-m", type=int, default=2048)
     parser.add_argument("--markdown", default="BENCHMARKS.md", help="file to append the result rows to")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the sweep's full results")
@@ -223,9 +286,12 @@ def main():
     start = time.time()
     forms = working_forms() if args.sweep else set(km.FORMS)  # before this process takes the GPU's memory
     names = args.shapes.split(",")
-    ms = [int(m) for m in args.ms.split(",")] + [args.prefill_m]
+    ms = [int(m) for m in (args.ms or ("1,16" if args.float else "1,4,16,64")).split(",")]
     copy_gbs = timing.copy_bandwidth()
     print(f"{timing.describe()}; copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    if args.float:
+        return float_main(names, ms, copy_gbs, args.markdown)
+    ms.append(args.prefill_m)
 
     shapes = {name: Shape(*SHAPES[name], seed=i) for i, name in enumerate(names)}
     tuned, log = {}, {}

@@ -1,7 +1,7 @@
 """Offline batch generation: a continuous-batching engine and resumable, exactly-once JSONL jobs.
 
 The engine keeps S slots in one static-shape KV cache [layers, S, max_len, heads, head_dim]. Waiting requests
-are sorted longest-first and prefilled in small groups (batch and prompt length bucketed to powers of two, so a
+are sorted longest-first and prefilled in small groups (batch and prompt length bucketed as `decoding.bucket`, so a
 job compiles a handful of prefill programs); each group's DecodeState rows are copied into free slots
 (`decoding.insert_rows`), then `decoding._decode` runs a chunk of steps for all slots at once. Finished rows are
 harvested after every chunk and their slots refilled. Sampling knobs, seeds, limits and max_new_tokens are per-slot
@@ -32,7 +32,6 @@ import numpy as np
 
 from qwen_jax import sampling
 from qwen_jax import sharding as sharding_lib
-from qwen_jax.cache import init_cache
 from qwen_jax.chat_format import DEFAULT_SYSTEM, build_chat_prompt, chat_stop_ids
 from qwen_jax.decoding import (GenerationConfig, _decode, _prefill, _stop_table, bucket, idle_state, insert_rows)
 
@@ -147,7 +146,7 @@ class Engine:
         padded = {k: np.concatenate([v, np.repeat(v[:1], rows - len(group))]) for k, v in values.items()}
         config = self.model.config
         alpha = jnp.asarray([config.ntk_alpha(int(n)) for n in lengths], jnp.float32)
-        cache = init_cache(config, rows, self.max_len, self.model.dtype, **self.model.placement)
+        cache = self.model.new_cache(rows, self.max_len)
         state = _prefill(self.model.module, self.model.params, jnp.asarray(ids), jnp.asarray(lengths), alpha, cache,
                          self._sampling(padded), self.stops, jnp.asarray(padded["max_new_tokens"], jnp.int32),
                          self.buffer_len, **self.model.placement)
@@ -163,7 +162,7 @@ class Engine:
             self.validate(r)
         waiting = collections.deque(waiting)
         num_slots, model = self.num_slots, self.model
-        cache = init_cache(model.config, num_slots, self.max_len, model.dtype, **model.placement)
+        cache = model.new_cache(num_slots, self.max_len)
         state = idle_state(cache, num_slots, self.buffer_len, model.config.vocab_size)
         slot_values = self._row_values([Request(None, [0], 0)] * num_slots)  # [S] per field, host side
         slot_values["max_new_tokens"][:] = 1

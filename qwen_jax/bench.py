@@ -2,6 +2,7 @@
 
     python -m qwen_jax.bench --preset 72b --batch 1 --context 1 --new-tokens 256
     python -m qwen_jax.bench --preset 72b --layers 8 --weights bf16 --hf      # + HF Transformers, same shapes
+    python -m qwen_jax.bench --preset 72b --context 4096 --kv-dtype int8 --embedding host   # long context
 
 Weights are random, built on the device directly in the converted layout (stacked layers, int8 values + float16
 group scales, or float), so any preset runs without a checkpoint. One run measures the device's copy bandwidth,
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import sharding as sharding_lib
-from qwen_jax.cache import cache_bytes
+from qwen_jax.cache import MemoryPreflightError, cache_bytes
 from qwen_jax.config import QwenConfig, preset
 from qwen_jax.decoding import GenerationConfig, generate_tokens
 from qwen_jax.model import QwenModel, abstract_params
@@ -76,11 +77,11 @@ def random_params(config: QwenConfig, dtype, quant_group: int | None, mesh, rule
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def streamed_bytes(config: QwenConfig, params, batch: int, context: int, dtype) -> int:
+def streamed_bytes(model: QwenModel, batch: int, context: int) -> int:
     """Bytes one decode step must read: every parameter but the embedding table (one row per token), + KV cache."""
-    weights = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params)
+    weights = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(model.params)
                   if path[0].key != "wte")
-    return weights + cache_bytes(config, batch, context, dtype)
+    return weights + cache_bytes(model.config, batch, context, model.kv_dtype or model.dtype)
 
 
 def peak_memory_gib() -> float | None:
@@ -101,10 +102,14 @@ class Result:
     gb_per_s: float
     pct_copy: float
     peak_gib: float | None
+    note: str = ""  # why a run has no figures (refused by the preflight, out of memory)
 
 
-def run_model(model: QwenModel, batch: int, context: int, new_tokens: int, copy_gbps: float, label: str) -> Result:
-    """Prefill `context` random tokens per row, then decode `new_tokens` greedily (no stop token)."""
+def run_model(model: QwenModel, batch: int, context: int, new_tokens: int, copy_gbps: float, label: str,
+              reps: int = 2) -> Result:
+    """Prefill `context` random tokens per row, then decode `new_tokens` greedily (no stop token).
+
+    A request the preflight refuses, or one that runs out of device memory, gives a row saying so."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 151643, context).tolist() for _ in range(batch)]
 
@@ -114,12 +119,20 @@ def run_model(model: QwenModel, batch: int, context: int, new_tokens: int, copy_
         list(generate_tokens(model, prompts, gen))
         return time.perf_counter() - start
 
-    timed(1), timed(new_tokens)  # compile prefill and decode for both buffer sizes
+    try:
+        timed(1), timed(new_tokens)  # compile prefill and decode for both buffer sizes
+    except MemoryPreflightError as e:
+        return Result(label, batch, context, new_tokens, *[float("nan")] * 5, None, f"refused by the preflight: {e}")
+    except Exception as e:  # XLA's out-of-memory error has no type of its own
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return Result(label, batch, context, new_tokens, *[float("nan")] * 5, None,
+                      "out of device memory: " + str(e).splitlines()[0][:300])
     prefill = min(timed(1) for _ in range(3))
-    total = min(timed(new_tokens) for _ in range(2))
+    total = min(timed(new_tokens) for _ in range(reps))
     decode_s = (total - prefill) / (new_tokens - 1)
     mean_context = context + new_tokens / 2
-    moved = streamed_bytes(model.config, model.params, batch, int(mean_context), model.dtype)
+    moved = streamed_bytes(model, batch, int(mean_context))
     gbps = moved / decode_s / 1e9
     return Result(label, batch, context, new_tokens, prefill * 1e3, batch / decode_s, decode_s * 1e3, gbps,
                   100 * gbps / copy_gbps, peak_memory_gib())
@@ -136,11 +149,12 @@ torch.manual_seed(0)
 with torch.device("cuda"):
     model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
 ids = torch.randint(0, 151643, (a["batch"], a["context"]), device="cuda")
+extra = {"cache_implementation": "static"} if a["static"] else {}  # static: generate compiles the forward
 def gen(n):
     torch.cuda.synchronize(); t = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
+                       do_sample=False, pad_token_id=0, **extra)
     torch.cuda.synchronize(); return time.perf_counter() - t
 gen(2); gen(a["new"])
 t1, tn = min(gen(1) for _ in range(2)), gen(a["new"])
@@ -149,14 +163,22 @@ print(json.dumps({"prefill_ms": t1 * 1e3, "tokens_per_s": a["batch"] * (a["new"]
 """
 
 
-def run_hf(config: QwenConfig, batch: int, context: int, new_tokens: int) -> dict:
-    """HF Transformers' Qwen2 (bf16, random weights, same shapes) in a separate process: JAX holds the GPU here."""
+HF_MODES = {"eager": "HF transformers bf16 generate",
+            "static": "HF transformers bf16 generate, static cache (compiled)"}
+
+
+def run_hf(config: QwenConfig, batch: int, context: int, new_tokens: int, mode: str) -> dict:
+    """HF Transformers' Qwen2 (bf16, random weights, same shapes) in a separate process: JAX holds the GPU here.
+
+    mode "eager": generate with its dynamic cache; "static": its static cache, with which generate compiles the
+    forward (torch.compile). Returns the figures, or {"error": …} if that mode failed."""
     args = {"vocab": config.vocab_size, "d": config.hidden_size, "f": config.mlp_width,
             "layers": config.num_hidden_layers, "heads": config.num_attention_heads, "base": config.rotary_emb_base,
-            "batch": batch, "context": context, "new": new_tokens}
+            "batch": batch, "context": context, "new": new_tokens, "static": mode == "static"}
     out = subprocess.run([sys.executable, "-c", HF_SCRIPT, json.dumps(args)], capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"HF baseline failed:\n{out.stderr[-3000:]}")
+        print(f"[bench] HF {mode} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        return {"error": out.stderr.strip().splitlines()[-1][:200] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -166,6 +188,9 @@ def table(results: list[Result], copy_gbps: float, header: str) -> str:
              "| run | batch | context | new | prefill ms | tokens/s | ms/token | GB/s | % of copy | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r.note:
+            lines.append(f"| {r.label} | {r.batch} | {r.context} | {r.new_tokens} | {r.note} ||||||")
+            continue
         peak = "—" if r.peak_gib is None else f"{r.peak_gib:.1f}"
         lines.append(f"| {r.label} | {r.batch} | {r.context} | {r.new_tokens} | {r.prefill_ms:.1f} | "
                      f"{r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | {r.gb_per_s:.0f} | {r.pct_copy:.0f}% | {peak} |")
@@ -182,7 +207,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--context", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--hf", action="store_true", help="also time HF Transformers bf16 on the same shapes")
+    parser.add_argument("--reps", type=int, default=2, help="timed decode runs per row (the fastest counts)")
+    parser.add_argument("--kv-dtype", nargs="+", default=["bf16"], choices=["bf16", "int8"],
+                        help="KV cache dtype(s); each is a row")
+    parser.add_argument("--embedding", nargs="+", default=["device"], choices=["device", "host"],
+                        help="where the embedding table lives; each is a row (device rows run first)")
+    parser.add_argument("--hf", nargs="*", choices=sorted(HF_MODES), default=None,
+                        help="also time HF Transformers bf16 on the same shapes (modes; default: eager static)")
     parser.add_argument("--markdown", help="append the table to this file (e.g. BENCHMARKS.md)")
     args = parser.parse_args(argv)
 
@@ -191,13 +222,14 @@ def main(argv=None) -> int:
         config = config.replace(num_hidden_layers=args.layers)
     quant_group = args.group_size if args.weights == "int8" else None
     hf_results = []
-    if args.hf:  # first: once JAX's client starts it holds most of the GPU memory until this process exits
+    # HF first: once JAX's client starts it holds most of the GPU memory until this process exits
+    for mode in (args.hf or sorted(HF_MODES)) if args.hf is not None else ():
         for batch in args.batch:
             for context in args.context:
-                hf = run_hf(config, batch, context, args.new_tokens)
+                hf = run_hf(config, batch, context, args.new_tokens, mode)
                 bf16_bytes = 2 * (config.num_params - config.vocab_size * config.hidden_size)
                 moved = bf16_bytes + cache_bytes(config, batch, context + args.new_tokens // 2, jnp.bfloat16)
-                hf_results.append((batch, context, hf, moved))
+                hf_results.append((HF_MODES[mode], batch, context, hf, moved))
     mesh = sharding_lib.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
     copy_gbps = copy_bandwidth(4.0 if jax.default_backend() == "gpu" else 0.25)
     start = time.perf_counter()
@@ -206,18 +238,27 @@ def main(argv=None) -> int:
     print(f"[bench] {config.num_hidden_layers}-layer {args.preset} ({args.weights}) placed in "
           f"{time.perf_counter() - start:.1f} s; copy bandwidth {copy_gbps:.0f} GB/s", file=sys.stderr)
     model = QwenModel(config, params, jnp.bfloat16, quant_group, mesh=mesh, rules=())
-    label = f"qwen_jax {args.weights}"
+    del params
     results = []
-    for batch in args.batch:
-        for context in args.context:
-            results.append(run_model(model, batch, context, args.new_tokens, copy_gbps, label))
-            print(table(results[-1:], copy_gbps, "partial"), file=sys.stderr)
-    del model, params
-    for batch, context, hf, moved in hf_results:
+    for embedding in sorted(set(args.embedding)):  # "device" < "host": moving the table to the host is one-way
+        if embedding == "host":
+            model = model.with_embedding_on_host()
+        for batch in args.batch:
+            for context in args.context:
+                for kv in args.kv_dtype:
+                    label = f"qwen_jax {args.weights}, KV {kv}, embedding on {embedding}"
+                    kv_model = dataclasses.replace(model, kv_dtype=jnp.int8 if kv == "int8" else jnp.bfloat16)
+                    results.append(run_model(kv_model, batch, context, args.new_tokens, copy_gbps, label, args.reps))
+                    print(table(results[-1:], copy_gbps, "partial"), file=sys.stderr)
+    del model, kv_model
+    for label, batch, context, hf, moved in hf_results:
+        if "error" in hf:
+            results.append(Result(label, batch, context, args.new_tokens, *[float("nan")] * 5, None,
+                                  f"failed: {hf['error']}"))
+            continue
         gbps = moved * hf["tokens_per_s"] / batch / 1e9
-        results.append(Result("HF transformers bf16 generate", batch, context, args.new_tokens, hf["prefill_ms"],
-                              hf["tokens_per_s"], 1e3 * batch / hf["tokens_per_s"], gbps, 100 * gbps / copy_gbps,
-                              hf["peak_gib"]))
+        results.append(Result(label, batch, context, args.new_tokens, hf["prefill_ms"], hf["tokens_per_s"],
+                              1e3 * batch / hf["tokens_per_s"], gbps, 100 * gbps / copy_gbps, hf["peak_gib"]))
     device = jax.devices()[0]
     header = (f"{args.preset} × {config.num_hidden_layers} layers, {args.weights} — "
               f"{getattr(device, 'device_kind', device.platform)}, jax {jax.__version__}, {datetime.date.today()}; "

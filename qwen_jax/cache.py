@@ -6,60 +6,101 @@ hold stale values (padding of a bucketed prefill, or an earlier request): attent
 position, and a slot is always rewritten before a query can reach it. Layers are stacked like the parameters,
 and the layer loop updates its layer in place.
 
-Every access goes through `write` and `read`, so a quantized cache (int8 values + per-slot scales) can
-replace the bfloat16 one here without touching the model.
+The cache holds keys and values in the model's dtype, or (`dtype=jnp.int8`) as int8 with one float16 scale per
+(slot, head) — absmax over head_dim, rounded to nearest — which halves its memory: Qwen-72B has no grouped-query
+attention, so a bf16 cache costs 2.5 MiB per token, and on one 80 GB GPU beside 68–71 GiB of weights that decides
+the context length. Every access goes through `write` and `read`; attention applies the scales itself
+(qwen_jax.attention.attend), so no dequantized copy of the cache is ever formed.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from qwen_jax import attention
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.config import QwenConfig
 from qwen_jax.kernels import int8_matmul
 
-Cache = dict[str, jax.Array]
+Cache = dict[str, jax.Array]  # "k", "v" [L, B, T, H, hd]; int8 caches also "k_scale", "v_scale" [L, B, T, H]
 KV_AXES = ("layers", "batch", "kv_len", "kv_heads", "head_dim")
+SCALE_DTYPE = jnp.float16
+_INT8_MAX = 127
+
+
+def is_quantized(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.int8
+
+
+def _specs(config: QwenConfig, batch: int, max_len: int, dtype) -> dict[str, tuple[tuple[int, ...], Any, tuple]]:
+    """name -> (shape, dtype, logical axes) of each array of a cache."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_attention_heads, config.head_dim)
+    specs = {"k": (shape, dtype, KV_AXES), "v": (shape, dtype, KV_AXES)}
+    if is_quantized(dtype):
+        specs.update({f"{name}_scale": (shape[:-1], SCALE_DTYPE, KV_AXES[:-1]) for name in ("k", "v")})
+    return specs
 
 
 def init_cache(config: QwenConfig, batch: int, max_len: int, dtype, mesh=None, rules=()) -> Cache:
-    """Zeros, created directly in their shards when a mesh is given (never whole on one device first)."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_attention_heads, config.head_dim)
-    sharding = None if mesh is None else sharding_lib.named_sharding(mesh, rules, KV_AXES)
-    return jax.jit(lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, out_shardings=sharding)()
+    """Zeros, created directly in their shards when a mesh is given (never whole on one device first).
+
+    `dtype`: the model's float dtype, or jnp.int8 for the quantized cache.
+    """
+    specs = _specs(config, batch, max_len, jnp.dtype(dtype))
+    shardings = None if mesh is None else {
+        name: sharding_lib.named_sharding(mesh, rules, axes) for name, (_, _, axes) in specs.items()}
+    return jax.jit(lambda: {name: jnp.zeros(shape, dt) for name, (shape, dt, _) in specs.items()},
+                   out_shardings=shardings)()
 
 
 def cache_bytes(config: QwenConfig, batch: int, max_len: int, dtype) -> int:
-    per_layer = 2 * batch * max_len * config.num_attention_heads * config.head_dim * jnp.dtype(dtype).itemsize
-    return config.num_hidden_layers * per_layer
+    return sum(math.prod(shape) * jnp.dtype(dt).itemsize
+               for shape, dt, _ in _specs(config, batch, max_len, jnp.dtype(dtype)).values())
 
 
 class MemoryPreflightError(MemoryError):
     """A request that would not fit in device memory, refused before anything is allocated for it."""
 
 
+# Kept free beyond a request's own arrays: XLA's GEMM autotuning and cuBLAS workspaces. 72B-Int8 on an H100 with an
+# estimated 0.3 GiB to spare failed in autotuning ("RESOURCE_EXHAUSTED: Failed to get configs"), BENCHMARKS.md.
+WORKSPACE_RESERVE = 2**30
+
+
 def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dtype, mesh=None,
-                             rules=(), quant_group: int | None = None) -> dict[str, int]:
-    """Device bytes a generation request adds on the fullest device: its KV cache, the prefill's attention scores
-    ([batch, heads, prompt, max_len] float32, the largest temporary of the XLA attention path) and, for int8
-    weights, the prefill's dequantized copy of the widest layer (float32 products, then the dot's bf16 operand:
-    prefills of more than int8_matmul.MAX_KERNEL_M tokens take the dequantize + cuBLAS path)."""
+                             rules=(), quant_group: int | None = None, kv_dtype=None) -> dict[str, int]:
+    """Device bytes a generation request adds on the fullest device, by what they hold:
+      - its KV cache (`kv_dtype`, default `dtype`);
+      - the prefill's attention scores [batch, heads, prompt, prompt] float32, unless cuDNN's flash attention runs;
+      - the prefill's widest activation, w1|w2's [batch, prompt, 2 × mlp] float32 product and its `dtype` cast;
+      - for int8 weights, a prefill's dequantized copy of the widest layer in `dtype` (prefills of more than
+        int8_matmul.MAX_KERNEL_M tokens take the dequantize + cuBLAS path; XLA fuses the scale multiply into the
+        one elementwise pass that writes it).
+    """
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
     shape = (config.num_hidden_layers, batch, max_len, config.num_attention_heads, config.head_dim)
-    split = 1
+    split, devices = 1, 1
     if mesh is not None:
+        devices = mesh.size
         shard = sharding_lib.named_sharding(mesh, rules, KV_AXES).shard_shape(shape)
         split = max(1, (batch * config.num_attention_heads) // (shard[1] * shard[3]))
-    scores = 4 * batch * config.num_attention_heads * prompt_len * max_len
-    need = {"KV cache": cache_bytes(config, batch, max_len, dtype) // split, "prefill attention scores": scores // split}
+    itemsize = jnp.dtype(dtype).itemsize
+    need = {"KV cache": cache_bytes(config, batch, max_len, kv_dtype) // split}
+    if not attention.flash_applies(dtype, config.head_dim, devices):
+        need["prefill attention scores"] = 4 * batch * config.num_attention_heads * prompt_len ** 2 // split
+    need["prefill activations"] = batch * prompt_len * 2 * config.mlp_width * (4 + itemsize) // split
     if quant_group and batch * prompt_len > int8_matmul.MAX_KERNEL_M:
         widest = config.hidden_size * 2 * config.mlp_width  # mlp/w1w2
-        need["prefill dequantized layer"] = widest * (4 + jnp.dtype(dtype).itemsize) // split
+        need["prefill dequantized layer"] = widest * itemsize // split
     return need
 
 
 def preflight(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dtype, mesh=None, rules=(),
-              quant_group: int | None = None, free_bytes: int | None = None) -> None:
+              quant_group: int | None = None, kv_dtype=None, free_bytes: int | None = None) -> None:
     """Refuse a request that cannot fit, with the numbers, instead of an out-of-memory error from XLA.
 
     `free_bytes` defaults to the first device's limit minus its use, where the backend reports them (GPUs/TPUs).
@@ -71,13 +112,24 @@ def preflight(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dty
         if "bytes_limit" not in stats:
             return  # the host CPU backend does not report memory
         free_bytes = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    need = request_bytes_per_device(config, batch, prompt_len, max_len, dtype, mesh, rules, quant_group)
+    need = request_bytes_per_device(config, batch, prompt_len, max_len, dtype, mesh, rules, quant_group, kv_dtype)
+    need["XLA workspace reserve"] = WORKSPACE_RESERVE
     if sum(need.values()) > free_bytes:
         parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items())
+        hint = "" if is_quantized(kv_dtype or dtype) else ", use the int8 KV cache (kv_dtype='int8')"
         raise MemoryPreflightError(
             f"this request needs {sum(need.values()) / 2**30:.2f} GiB per device ({parts}) for batch {batch}, "
             f"prompt {prompt_len} and {max_len} cache slots, but only {free_bytes / 2**30:.2f} GiB is free: "
-            "shorten the prompt or max_new_tokens, lower the batch, or shard over more devices")
+            f"shorten the prompt or max_new_tokens, lower the batch{hint}, or shard over more devices")
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., hd] float -> (int8 [..., hd], float16 scales [...]) with x ≈ q * scale, |q| ≤ 127."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / _INT8_MAX
+    scale = jnp.where(scale > 0, scale, 1.0).astype(SCALE_DTYPE)
+    q = jnp.clip(jnp.round(x32 / scale.astype(jnp.float32)[..., None]), -_INT8_MAX, _INT8_MAX)
+    return q.astype(jnp.int8), scale
 
 
 def write(cache: Cache, layer: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> Cache:
@@ -85,13 +137,17 @@ def write(cache: Cache, layer: jax.Array, k: jax.Array, v: jax.Array, start: jax
     batch, seq = k.shape[:2]
     rows = jnp.arange(batch)[:, None]
     slots = start[:, None] + jnp.arange(seq)[None, :]  # [B, S]
-    return {name: cache[name].at[layer, rows, slots].set(new.astype(cache[name].dtype))
-            for name, new in (("k", k), ("v", v))}
+    new = {"k": k, "v": v}
+    if "k_scale" in cache:
+        for name in ("k", "v"):
+            new[name], new[f"{name}_scale"] = quantize(new[name])
+    return {name: cache[name].at[layer, rows, slots].set(value.astype(cache[name].dtype))
+            for name, value in new.items()}
 
 
-def read(cache: Cache, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values [B, T, H, hd] of layer `layer`, in the cache's compute dtype."""
-    return cache["k"][layer], cache["v"][layer]
+def read(cache: Cache, layer: jax.Array) -> dict[str, jax.Array]:
+    """Layer `layer` of every array of the cache: "k", "v" [B, T, H, hd] (and "k_scale", "v_scale" [B, T, H])."""
+    return {name: array[layer] for name, array in cache.items()}
 
 
 def max_len(cache: Cache) -> int:

@@ -1,8 +1,8 @@
 """Prefill, then a decode loop that runs on the device (`lax.while_loop`), with per-row stopping.
 
-Shapes are bucketed to powers of two (prompt length, cache length, output buffer), so a chat session
-compiles a handful of programs and then reuses them; sampling knobs, limits and seeds are traced values and
-never recompile. Streaming runs the same loop in chunks of steps and reads the tokens back between chunks.
+Shapes are bucketed (prompt length, cache length, output buffer: powers of two, then multiples of 1024), so a
+chat session compiles a handful of programs and then reuses them; sampling knobs, limits and seeds are traced
+values and never recompile. Streaming runs the same loop in chunks of steps and reads the tokens back between chunks.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ import numpy as np
 
 from qwen_jax import sampling
 from qwen_jax import sharding as sharding_lib
-from qwen_jax.cache import init_cache, preflight
 from qwen_jax.model import Qwen, QwenModel, apply
 
 MIN_BUCKET = 16
+LINEAR_BUCKET = 1024  # past this, buckets grow by this step: a power of two would nearly double a long cache
 
 
 def bucket(n: int) -> int:
-    """The power of two >= n (at least MIN_BUCKET): the padded size of a dimension that varies per request."""
+    """The padded size of a dimension that varies per request (prompt, cache, output lengths): the power of two
+    >= n (at least MIN_BUCKET) up to LINEAR_BUCKET, then the multiple of LINEAR_BUCKET >= n."""
+    if n > LINEAR_BUCKET:
+        return -(-int(n) // LINEAR_BUCKET) * LINEAR_BUCKET
     return max(MIN_BUCKET, 1 << (int(n) - 1).bit_length())
 
 
@@ -120,7 +123,7 @@ def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sam
     batch, seq = ids.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     logits, cache = apply(module, params, ids, positions, ntk_alpha, cache, logits_index=prompt_len - 1,
-                          mesh=mesh, rules=rules)
+                          prefill=True, mesh=mesh, rules=rules)
     in_prompt = positions < prompt_len[:, None]
     seen = jnp.zeros((batch, module.config.vocab_size), bool)
     seen = seen.at[jnp.arange(batch)[:, None], ids].max(in_prompt)
@@ -211,8 +214,8 @@ def generate_tokens(model: QwenModel, prompts: Sequence[Sequence[int]], gen: Gen
     stops = jnp.asarray(_stop_table([*stop_sequences, *gen.stop_words_ids]))
     ntk_alpha = jnp.asarray([config.ntk_alpha(n) for n in lengths], jnp.float32)
     max_new = jnp.asarray(gen.max_new_tokens, jnp.int32)
-    preflight(config, batch, seq, max_len, model.dtype, quant_group=model.quant_group, **model.placement)
-    cache = init_cache(config, batch, max_len, model.dtype, **model.placement)
+    model.preflight(batch, seq, max_len)
+    cache = model.new_cache(batch, max_len)
     state = _prefill(model.module, model.params, jnp.asarray(ids), jnp.asarray(lengths, jnp.int32), ntk_alpha,
                      cache, params_sampling, stops, max_new, bucket(gen.max_new_tokens), **model.placement)
     limit = 0

@@ -35,11 +35,12 @@ def matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None, layer: ja
     """x [..., K] @ weight [K, *N] -> [..., *N] in `out_dtype` (default x.dtype), accumulated in float32.
 
     `weight` holds either {"kernel"} (float) or {"qvalue", "scales"} (int8). With `layer`, the arrays are stacks
-    [L, …] of all layers and layer `layer` is used. Int8 weights go to the fused GPU kernel when it supports the
-    shape (it reads the stack in place), everything else to `reference_matmul`.
+    [L, …] of all layers and layer `layer` is used. Int8 weights and stacked float weights go to the fused GPU
+    kernel when it supports the shape (it reads the stack in place), everything else to `reference_matmul`.
     """
-    if "qvalue" in weight and _kernel_applies(x, weight["qvalue"], weight["scales"], layer):
-        return int8_matmul.matmul(x, weight["qvalue"], weight["scales"], layer=layer, out_dtype=out_dtype or x.dtype)
+    operands = _kernel_operands(weight, layer)
+    if operands and _kernel_applies(x, operands, layer):
+        return int8_matmul.matmul(x, *operands, layer=layer, out_dtype=out_dtype or x.dtype)
     return reference_matmul(x, weight, out_dtype, layer)
 
 
@@ -68,10 +69,20 @@ def at_layer(stack: jax.Array, layer: jax.Array | None) -> jax.Array:
     return stack if layer is None else jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False)
 
 
-def _kernel_applies(x, q, s, layer) -> bool:
+def _kernel_operands(weight, layer) -> tuple[jax.Array, ...]:
+    """The fused kernel's weight operands: (qvalue, scales), (kernel,) for a stacked float weight, else ().
+
+    An unstacked float weight (e.g. the lm_head) stays with XLA: its dot reads it in place, with no slice to copy.
+    """
+    if "qvalue" in weight:
+        return weight["qvalue"], weight["scales"]
+    return () if layer is None else (weight["kernel"],)
+
+
+def _kernel_applies(x, operands, layer) -> bool:
     # A Pallas call is opaque to XLA's SPMD partitioner, which would gather its sharded operands: under a mesh
     # of several devices the XLA path runs (a shard_map'd kernel is future work).
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
         return False
-    return int8_matmul.supported(x, q, s, layer=layer)
+    return int8_matmul.supported(x, *operands, layer=layer)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import sharding as sharding_lib
-from qwen_jax.cache import init_cache
 from qwen_jax.model import QwenModel, apply
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -116,7 +115,7 @@ def decode_step_fn(model: QwenModel):
 
 def report(model: QwenModel, strategy: str, batch: int = 1, kv_len: int = 256, steps: int = 10) -> Report:
     """Measure `model` (already placed by `strategy` on `model.mesh`) for a decode step at `batch` × `kv_len`."""
-    cache = init_cache(model.config, batch, kv_len, model.dtype, **model.placement)
+    cache = model.new_cache(batch, kv_len)
     tokens = jnp.zeros((batch, 1), jnp.int32)
     positions = jnp.full((batch, 1), kv_len // 2, jnp.int32)
     step = decode_step_fn(model)

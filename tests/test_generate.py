@@ -169,13 +169,19 @@ def test_defaults_come_from_generation_config(loaded):
 
 
 def test_preflight_refuses_what_cannot_fit(loaded):
-    from qwen_jax.cache import MemoryPreflightError, preflight, request_bytes_per_device
+    from qwen_jax.cache import WORKSPACE_RESERVE, MemoryPreflightError, preflight, request_bytes_per_device
 
     model, _ = loaded
     need = request_bytes_per_device(model.config, 4, 64, 1024, model.dtype)
-    # 2 layers × 2 (k, v) × 4 rows × 1024 slots × 2 heads × 32 × 4 bytes, and 4 × 2 × 64 × 1024 float32 scores
-    assert need == {"KV cache": 4 * 1024 * 1024, "prefill attention scores": 2 * 1024 * 1024}
-    preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=7 * 2**20)
-    with pytest.raises(MemoryPreflightError, match=r"needs 0.01 GiB per device \(KV cache 0.00 GiB.*batch 4, "
-                                                   r"prompt 64 and 1024 cache slots.*only 0.00 GiB is free"):
-        preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=5 * 2**20)
+    # 2 layers × 2 (k, v) × 4 rows × 1024 slots × 2 heads × 32 × 4 bytes; 4 × 2 heads × 64 × 64 float32 scores;
+    # w1|w2's product [4, 64, 2 × 128] in float32 and its float32 cast
+    assert need == {"KV cache": 4 * 1024 * 1024, "prefill attention scores": 4 * 2 * 64 * 64 * 4,
+                    "prefill activations": 4 * 64 * 256 * 8}
+    # int8 values + a float16 scale per slot and head: 32 + 2 bytes instead of 32 × 4
+    int8 = request_bytes_per_device(model.config, 4, 64, 1024, model.dtype, kv_dtype=jnp.int8)
+    assert int8["KV cache"] == 2 * 2 * 4 * 1024 * 2 * (32 + 2)
+    preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=sum(need.values()) + WORKSPACE_RESERVE)
+    with pytest.raises(MemoryPreflightError, match=r"needs 1.00 GiB per device \(KV cache 0.00 GiB.*batch 4, "
+                                                   r"prompt 64 and 1024 cache slots.*only 1.00 GiB is free.*"
+                                                   r"use the int8 KV cache"):
+        preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=sum(need.values()) + WORKSPACE_RESERVE - 1)

@@ -1,0 +1,65 @@
+"""Attention math: pure functions of queries, keys and values (no parameters).
+
+Two cases, both [batch, seq, heads, head_dim] in and out:
+  - `causal_self_attention`: a prefill (or a plain forward), whose tokens are the whole context so far and attend
+    only to each other. On a GPU this is cuDNN's fused flash attention: it never forms the [B, H, S, S] scores
+    (313 vs 39 TFLOP/s for XLA at 4k tokens on the H100, ../shared/MEASUREMENTS.md) and needs no memory for them,
+    which is what lets a long prompt fit beside 72B's weights.
+  - `attend`: queries against keys/values read from the KV cache, under an explicit mask (decode). Keys and values
+    may be int8 with one scale per (token, head): the scales are applied to the scores and to the probabilities,
+    never to a dequantized copy of the cache (exact algebra: q·(s_k k) = s_k (q·k), Σ p (s_v v) = Σ (p s_v) v).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax import quant
+
+FLASH_HEAD_DIMS = (64, 128)  # head sizes cuDNN's fused attention handles (Qwen's is 128)
+
+
+def flash_applies(dtype, head_dim: int, num_devices: int | None = None) -> bool:
+    """Whether `causal_self_attention` runs cuDNN's fused kernel (GPU, 16-bit, one device); `num_devices` is the
+    mesh's size, by default that of the mesh being traced under.
+
+    Under a mesh of several devices the XLA path runs: the fused call's partitioning was not tested on several GPUs.
+    """
+    if num_devices is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        num_devices = 1 if mesh.empty else mesh.size
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim in FLASH_HEAD_DIMS and num_devices == 1)
+
+
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q, k, v [B, S, H, D] -> [B, S, H, D]: token i of a row attends to tokens 0..i of the same row.
+
+    mask [B, S, S] is that causal mask by position, for the XLA path; cuDNN's causal mask by index is the same
+    because a row's positions are consecutive. Padding after a row's last real token is never seen by its real
+    tokens.
+    """
+    if flash_applies(q.dtype, q.shape[-1]):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return attend(q, k, v, mask)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_scale: jax.Array | None = None,
+           v_scale: jax.Array | None = None) -> jax.Array:
+    """q [B, S, H, D], k/v [B, T, H, D] (int8 when scales [B, T, H] are given), mask [B, S, T] bool
+    (True = may attend) -> [B, S, H, D] in q's dtype.
+
+    Scores and softmax in float32; a fully masked row (a padding query) yields finite garbage, never NaN.
+    """
+    dtype = q.dtype
+    scores = jnp.einsum("bshd,bthd->bhst", q, k.astype(dtype), precision=quant.precision(dtype),
+                        preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if k_scale is not None:
+        scores = scores * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, :].astype(jnp.float32)
+    scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, H, S, T]
+    if v_scale is not None:
+        probs = probs * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, :].astype(jnp.float32)
+    return jnp.einsum("bhst,bthd->bshd", probs.astype(dtype), v.astype(dtype), precision=quant.precision(dtype),
+                      preferred_element_type=jnp.float32).astype(dtype)
