@@ -8,7 +8,7 @@ Checks (each prints its error and must pass, else the script exits 1):
   - a whole model with 72B's layer shapes (2 layers, int8 weights): prefill with flash attention vs prefill over
     the cache (XLA), decode over an int8 cache vs a bf16 cache, the embedding table on the host vs on the device.
 Timings: prefill attention of one layer, flash vs XLA, at 1k-8k tokens; decode attention over a bf16 vs an int8
-cache at 2k-8k slots.
+cache at 2k-8k slots (keys and values in the cache's [batch, heads, slots, head_dim] layout).
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ def qkv(seed, batch, seq, dtype=jnp.bfloat16):
     return [jax.random.normal(k, (batch, seq, HEADS, HEAD_DIM), jnp.float32).astype(dtype) for k in keys]
 
 
+def cache_layout(*arrays):
+    """[B, T, H, D] -> the KV cache's [B, H, T, D], which `attention.attend` takes."""
+    return [jnp.swapaxes(a, 1, 2) for a in arrays]
+
+
+def xla_self_attention(q, k, v, mask):
+    """`attention.causal_self_attention`'s XLA path (which a GPU takes for float32 or under a mesh), forced."""
+    return attention.attend(q, *cache_layout(k, v), mask)
+
+
 def check(label: str, err: float, bound: float, failures: list) -> None:
     ok = err <= bound
     print(f"{'ok ' if ok else 'FAIL'} {label}: relative error {err:.2e} (bound {bound:.0e})")
@@ -59,11 +69,11 @@ def attention_checks(failures: list) -> None:
     for batch, seq in ((1, 2048), (2, 512)):
         q, k, v = qkv(0, batch, seq)
         mask = causal_mask(batch, seq)
-        want = attention.attend(*(a.astype(jnp.float32) for a in (q, k, v)), mask)
+        want = xla_self_attention(*(a.astype(jnp.float32) for a in (q, k, v)), mask)
         flash = jax.jit(attention.causal_self_attention)(q, k, v, mask)
         check(f"flash attention, batch {batch} × {seq} tokens, vs float32", rel_err(flash, want), 1e-2, failures)
     q, k, v = qkv(1, 2, 300)
-    q = q[:, -1:]
+    q, (k, v) = q[:, -1:], cache_layout(k, v)
     (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
     mask = jnp.ones((2, 1, 300), bool)
     want = attention.attend(*(a.astype(jnp.float32) for a in (q, k, v)), mask)
@@ -119,14 +129,14 @@ def timings() -> list[str]:
         mask = causal_mask(1, seq)
         flops = 4 * seq * seq * HEADS * HEAD_DIM / 2  # causal: half of QK^T and PV
         cells = []
-        for label, fn in (("flash", attention.causal_self_attention), ("XLA", attention.attend)):
+        for label, fn in (("flash", attention.causal_self_attention), ("XLA", xla_self_attention)):
             t = seconds_or_none(fn, q, k, v, mask)
             cells.append(f"out of memory ({label})" if t is None else
                          f"{t * 1e3:.2f} ms, {flops / t / 1e12:.0f} TFLOP/s ({label})")
         rows.append(f"| prefill, 1 layer, causal | {seq} | {cells[0]} | {cells[1]} |")
     for slots in (2048, 8192):
         q = qkv(3, 1, 1)[0]
-        k, v = qkv(4, 1, slots)[1:]
+        k, v = cache_layout(*qkv(4, 1, slots)[1:])
         mask = jnp.ones((1, 1, slots), bool)
         (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
         t16 = seconds_or_none(attention.attend, q, k, v, mask)

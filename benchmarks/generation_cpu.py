@@ -28,7 +28,7 @@ SMALL = preset("tiny").replace(hidden_size=512, num_hidden_layers=8, num_attenti
 
 def compilations() -> np.ndarray:
     """Programs compiled so far: [prefill, decode]."""
-    return np.array([gen_lib._prefill._cache_size(), gen_lib._decode._cache_size()])
+    return np.array([gen_lib._prefill_chunk._cache_size(), gen_lib._decode._cache_size()])
 
 
 def ten_turn_chat(model, tokenizer, max_new_tokens: int) -> tuple[np.ndarray, list[int], float]:

@@ -1,13 +1,16 @@
 """Attention math: pure functions of queries, keys and values (no parameters).
 
-Two cases, both [batch, seq, heads, head_dim] in and out:
+Two cases, both with queries and output [batch, seq, heads, head_dim]:
   - `causal_self_attention`: a prefill (or a plain forward), whose tokens are the whole context so far and attend
     only to each other. On a GPU this is cuDNN's fused flash attention: it never forms the [B, H, S, S] scores
     (313 vs 39 TFLOP/s for XLA at 4k tokens on the H100, ../shared/MEASUREMENTS.md) and needs no memory for them,
     which is what lets a long prompt fit beside 72B's weights.
   - `attend`: queries against keys/values read from the KV cache, under an explicit mask (decode). Keys and values
-    may be int8 with one scale per (token, head): the scales are applied to the scores and to the probabilities,
-    never to a dequantized copy of the cache (exact algebra: q·(s_k k) = s_k (q·k), Σ p (s_v v) = Σ (p s_v) v).
+    come in the cache's layout [batch, heads, slots, head_dim] and are consumed in it: both products are batched
+    matmuls over (batch, head) with each head's [slots, head_dim] matrix as stored, so no copy of the cache is formed.
+    They may be int8 with one scale per (head, token): the scales are applied to the scores and to the
+    probabilities, never to a dequantized copy of the cache (exact algebra: q·(s_k k) = s_k (q·k),
+    Σ p (s_v v) = Σ (p s_v) v).
 """
 
 from __future__ import annotations
@@ -42,24 +45,26 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """
     if flash_applies(q.dtype, q.shape[-1]):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return attend(q, k, v, mask)
+    # attend takes the cache's [B, H, S, D]; these are only this call's tokens, so the transpose is cheap
+    return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_scale: jax.Array | None = None,
            v_scale: jax.Array | None = None) -> jax.Array:
-    """q [B, S, H, D], k/v [B, T, H, D] (int8 when scales [B, T, H] are given), mask [B, S, T] bool
-    (True = may attend) -> [B, S, H, D] in q's dtype.
+    """q [B, S, H, D], k/v [B, H, T, D] (the cache's layout; int8 when scales [B, H, T] are given), mask [B, S, T]
+    bool (True = may attend) -> [B, S, H, D] in q's dtype.
 
     Scores and softmax in float32; a fully masked row (a padding query) yields finite garbage, never NaN.
     """
     dtype = q.dtype
-    scores = jnp.einsum("bshd,bthd->bhst", q, k.astype(dtype), precision=quant.precision(dtype),
+    # (b, h) are the batch dimensions of both products and lead k/v: each is a batched [S, D]·[T, D]ᵀ, [S, T]·[T, D]
+    scores = jnp.einsum("bshd,bhtd->bhst", q, k.astype(dtype), precision=quant.precision(dtype),
                         preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     if k_scale is not None:
-        scores = scores * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, :].astype(jnp.float32)
+        scores = scores * k_scale[:, :, None, :].astype(jnp.float32)
     scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, H, S, T]
     if v_scale is not None:
-        probs = probs * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, :].astype(jnp.float32)
-    return jnp.einsum("bhst,bthd->bshd", probs.astype(dtype), v.astype(dtype), precision=quant.precision(dtype),
+        probs = probs * v_scale[:, :, None, :].astype(jnp.float32)
+    return jnp.einsum("bhst,bhtd->bshd", probs.astype(dtype), v.astype(dtype), precision=quant.precision(dtype),
                       preferred_element_type=jnp.float32).astype(dtype)

@@ -1,6 +1,6 @@
 """Offline batch generation: a continuous-batching engine and resumable, exactly-once JSONL jobs.
 
-The engine keeps S slots in one static-shape KV cache [layers, S, max_len, heads, head_dim]. Waiting requests
+The engine keeps S slots in one static-shape KV cache [layers, S, heads, max_len, head_dim]. Waiting requests
 are sorted longest-first and prefilled in small groups (batch and prompt length bucketed as `decoding.bucket`, so a
 job compiles a handful of prefill programs); each group's DecodeState rows are copied into free slots
 (`decoding.insert_rows`), then `decoding._decode` runs a chunk of steps for all slots at once. Finished rows are

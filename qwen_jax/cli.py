@@ -34,7 +34,8 @@ def _load(args):
         print(f"[qwen-jax] no --model given: using the embedded tiny random model at {path}.\n"
               "[qwen-jax] It exercises the whole pipeline; its text is gibberish.", file=sys.stderr)
     start = time.perf_counter()
-    model, tokenizer = qwen_jax.load(path, dtype=args.dtype)
+    model, tokenizer = qwen_jax.load(path, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                                     embedding_on_host=args.embedding_on_host)
     print(f"[qwen-jax] loaded {path} ({model.config.num_params / 1e9:.2f}B parameters, {args.dtype}) "
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, tokenizer
@@ -104,6 +105,10 @@ def cmd_batch(args) -> int:
 def _add_model_and_gen_flags(parser) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny random model)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--kv-dtype", choices=["int8", "bfloat16", "float32", "float16"],
+                        help="KV cache dtype (default: --dtype); int8 halves the cache's memory")
+    parser.add_argument("--embedding-on-host", action="store_true",
+                        help="keep the embedding table in host memory (one device; frees 2.3 GiB for Qwen-72B)")
     parser.add_argument("--system", help="system prompt (default: 'You are a helpful assistant.')")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     for name, (kind, help_text) in GEN_OPTIONS.items():

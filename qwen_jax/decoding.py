@@ -1,6 +1,6 @@
 """Prefill, then a decode loop that runs on the device (`lax.while_loop`), with per-row stopping.
 
-Shapes are bucketed (prompt length, cache length, output buffer: powers of two, then multiples of 1024), so a
+Shapes are bucketed (prompt length, cache length, output buffer: powers of two, then multiples of 512), so a
 chat session compiles a handful of programs and then reuses them; sampling knobs, limits and seeds are traced
 values and never recompile. Streaming runs the same loop in chunks of steps and reads the tokens back between chunks.
 """
@@ -21,14 +21,16 @@ from qwen_jax import sharding as sharding_lib
 from qwen_jax.model import Qwen, QwenModel, apply
 
 MIN_BUCKET = 16
-LINEAR_BUCKET = 1024  # past this, buckets grow by this step: a power of two would nearly double a long cache
+LINEAR_BUCKET = 1024  # past this, buckets grow by BUCKET_STEP: a power of two would nearly double a long cache
+BUCKET_STEP = 512
+PREFILL_CHUNK = 256  # tokens per prefill call for prompts longer than LINEAR_BUCKET (divides every such bucket)
 
 
 def bucket(n: int) -> int:
     """The padded size of a dimension that varies per request (prompt, cache, output lengths): the power of two
-    >= n (at least MIN_BUCKET) up to LINEAR_BUCKET, then the multiple of LINEAR_BUCKET >= n."""
+    >= n (at least MIN_BUCKET) up to LINEAR_BUCKET, then the multiple of BUCKET_STEP >= n."""
     if n > LINEAR_BUCKET:
-        return -(-int(n) // LINEAR_BUCKET) * LINEAR_BUCKET
+        return -(-int(n) // BUCKET_STEP) * BUCKET_STEP
     return max(MIN_BUCKET, 1 << (int(n) - 1).bit_length())
 
 
@@ -116,23 +118,61 @@ def _append(state: DecodeState, token: jax.Array, stops: jax.Array, max_new: jax
     return state.replace(tokens=tokens, num_generated=num, done=done, stop_len=stop_len, seen=seen)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "buffer_len", "mesh", "rules"), donate_argnames=("cache",))
-def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sampling, stops, max_new, buffer_len,
-             mesh=None, rules=()):
-    """ids [B, S] right-padded, prompt_len [B] -> DecodeState holding the first generated token."""
+@functools.partial(jax.jit, static_argnames=("module", "first", "mesh", "rules"), donate_argnames=("cache", "logits"))
+def _prefill_chunk(module: Qwen, params, ids, start, prompt_len, ntk_alpha, cache, logits, first: bool, mesh=None,
+                   rules=()):
+    """Write tokens start … start + C - 1 of every row (ids [B, C]; start an int32 scalar) to the cache.
+
+    `first`: the rows' first chunk (start = 0), whose tokens attend only to each other (flash attention on a GPU);
+    later chunks attend over the cache. logits [B, 1, V] carries each row's logits at its last prompt token
+    (prompt_len - 1), replaced by this chunk's where the chunk holds that token.
+    """
+    batch, size = ids.shape
+    positions = jnp.broadcast_to(start + jnp.arange(size, dtype=jnp.int32), (batch, size))
+    last = prompt_len - 1
+    new, cache = apply(module, params, ids, positions, ntk_alpha, cache, logits_index=jnp.clip(last - start, 0, size - 1),
+                       prefill=first, mesh=mesh, rules=rules)
+    here = (last >= start) & (last < start + size)
+    return jnp.where(here[:, None, None], new, logits), cache
+
+
+@functools.partial(jax.jit, static_argnames=("buffer_len",), donate_argnames=("cache", "logits"))
+def _first_token(ids, prompt_len, ntk_alpha, cache, logits, params_sampling, stops, max_new, buffer_len):
+    """The DecodeState after a prefill: ids [B, S] the padded prompts, logits [B, 1, V] at their last tokens."""
     batch, seq = ids.shape
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    logits, cache = apply(module, params, ids, positions, ntk_alpha, cache, logits_index=prompt_len - 1,
-                          prefill=True, mesh=mesh, rules=rules)
-    in_prompt = positions < prompt_len[:, None]
-    seen = jnp.zeros((batch, module.config.vocab_size), bool)
-    seen = seen.at[jnp.arange(batch)[:, None], ids].max(in_prompt)
+    in_prompt = jnp.arange(seq)[None, :] < prompt_len[:, None]
+    seen = jnp.zeros((batch, logits.shape[-1]), bool).at[jnp.arange(batch)[:, None], ids].max(in_prompt)
     state = DecodeState(
         cache=cache, tokens=jnp.zeros((batch, buffer_len), jnp.int32), num_generated=jnp.zeros(batch, jnp.int32),
         done=jnp.zeros(batch, bool), stop_len=jnp.zeros(batch, jnp.int32), seen=seen, prompt_len=prompt_len,
         ntk_alpha=ntk_alpha, steps=jnp.zeros((), jnp.int32))
     token = sampling.select(logits[:, 0], seen, params_sampling, state.num_generated)
     return _append(state, token, stops, max_new)
+
+
+def prefill_chunk(seq: int) -> int:
+    """Tokens per prefill call for a padded prompt length: all of it, or PREFILL_CHUNK past LINEAR_BUCKET."""
+    return seq if seq <= LINEAR_BUCKET else PREFILL_CHUNK
+
+
+def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sampling, stops, max_new, buffer_len,
+             mesh=None, rules=(), chunk: int | None = None) -> DecodeState:
+    """ids [B, S] right-padded, prompt_len [B] -> DecodeState holding the first generated token.
+
+    Prompts longer than LINEAR_BUCKET are prefilled in chunks of PREFILL_CHUNK tokens (`chunk` overrides): a
+    prefill's temporaries (activations, dequantized weights, their GEMMs' autotuning buffers) then scale with the
+    chunk, not the prompt — on one H100 beside 72B-Int8's weights, a 3072-token prefill in one piece failed in
+    XLA's GEMM autotuning for lack of memory (BENCHMARKS.md). Every chunk after the first compiles to one program.
+    """
+    batch, seq = ids.shape
+    chunk = chunk or prefill_chunk(seq)
+    if seq % chunk:
+        raise ValueError(f"prefill chunk {chunk} must divide the padded prompt length {seq}")
+    logits = jnp.zeros((batch, 1, module.config.vocab_size), jnp.float32)
+    for start in range(0, seq, chunk):
+        logits, cache = _prefill_chunk(module, params, ids[:, start:start + chunk], jnp.asarray(start, jnp.int32),
+                                       prompt_len, ntk_alpha, cache, logits, start == 0, mesh=mesh, rules=rules)
+    return _first_token(ids, prompt_len, ntk_alpha, cache, logits, params_sampling, stops, max_new, buffer_len)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mesh", "rules"), donate_argnames=("state",))
@@ -214,7 +254,7 @@ def generate_tokens(model: QwenModel, prompts: Sequence[Sequence[int]], gen: Gen
     stops = jnp.asarray(_stop_table([*stop_sequences, *gen.stop_words_ids]))
     ntk_alpha = jnp.asarray([config.ntk_alpha(n) for n in lengths], jnp.float32)
     max_new = jnp.asarray(gen.max_new_tokens, jnp.int32)
-    model.preflight(batch, seq, max_len)
+    model.preflight(batch, seq, max_len, prefill_chunk(seq))
     cache = model.new_cache(batch, max_len)
     state = _prefill(model.module, model.params, jnp.asarray(ids), jnp.asarray(lengths, jnp.int32), ntk_alpha,
                      cache, params_sampling, stops, max_new, bucket(gen.max_new_tokens), **model.placement)
@@ -261,7 +301,7 @@ def insert_rows(state: DecodeState, group: DecodeState, slots: jax.Array) -> Dec
         index = (slice(None),) * axis + (slots,)
         return dst.at[index].set(src.astype(dst.dtype), mode="drop")
 
-    cache = {name: put(state.cache[name], group.cache[name], 1) for name in state.cache}  # [L, B, T, H, hd]
+    cache = {name: put(state.cache[name], group.cache[name], 1) for name in state.cache}  # [L, B, H, T, hd]
     rows = {f: put(getattr(state, f), getattr(group, f), 0)
             for f in ("tokens", "num_generated", "done", "stop_len", "seen", "prompt_len", "ntk_alpha")}
     return state.replace(cache=cache, **rows)

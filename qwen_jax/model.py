@@ -163,6 +163,7 @@ class Attention(nn.Module):
         if cache is not None:
             cache = kv_cache.write(cache, layer, k, v, write_start)
         if attend_cache:
+            # k/v [B, H, T, hd] and scales [B, H, T]: the cache's axes after `layers` (scales stop before head_dim)
             kv = {name: nn.with_logical_constraint(a, kv_cache.KV_AXES[1:a.ndim + 1])
                   for name, a in kv_cache.read(cache, layer).items()}
             out = attention.attend(q, kv["k"], kv["v"], mask, kv.get("k_scale"), kv.get("v_scale"))
@@ -381,10 +382,10 @@ class QwenModel:
         """An empty KV cache for `batch` rows of `max_len` slots, placed like the model."""
         return kv_cache.init_cache(self.config, batch, max_len, self.kv_dtype or self.dtype, **self.placement)
 
-    def preflight(self, batch: int, prompt_len: int, max_len: int) -> None:
+    def preflight(self, batch: int, prompt_len: int, max_len: int, prefill_chunk: int | None = None) -> None:
         """Raise cache.MemoryPreflightError, with the numbers, if a request of this size cannot fit in memory."""
         kv_cache.preflight(self.config, batch, prompt_len, max_len, self.dtype, quant_group=self.quant_group,
-                           kv_dtype=self.kv_dtype, **self.placement)
+                           kv_dtype=self.kv_dtype, prefill_chunk=prefill_chunk, **self.placement)
 
     def logits(self, input_ids) -> jax.Array:
         """input_ids [batch, seq] int -> float32 logits [batch, seq, vocab_size] (full forward, no cache).

@@ -180,8 +180,33 @@ def test_preflight_refuses_what_cannot_fit(loaded):
     # int8 values + a float16 scale per slot and head: 32 + 2 bytes instead of 32 × 4
     int8 = request_bytes_per_device(model.config, 4, 64, 1024, model.dtype, kv_dtype=jnp.int8)
     assert int8["KV cache"] == 2 * 2 * 4 * 1024 * 2 * (32 + 2)
+    # in chunks of 16: later chunks' scores and probabilities over all 1024 slots; activations of 16 rows
+    chunked = request_bytes_per_device(model.config, 4, 64, 1024, model.dtype, prefill_chunk=16)
+    assert chunked["prefill attention scores"] == 2 * 4 * 2 * 16 * 1024 * 4
+    assert chunked["prefill activations"] == 4 * 16 * 256 * 8
     preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=sum(need.values()) + WORKSPACE_RESERVE)
     with pytest.raises(MemoryPreflightError, match=r"needs 1.00 GiB per device \(KV cache 0.00 GiB.*batch 4, "
                                                    r"prompt 64 and 1024 cache slots.*only 1.00 GiB is free.*"
                                                    r"use the int8 KV cache"):
         preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=sum(need.values()) + WORKSPACE_RESERVE - 1)
+
+
+def test_chunked_prefill_generates_what_one_piece_does(loaded, monkeypatch):
+    """Long prompts are prefilled in chunks (the first attends to itself, the rest over the cache); with chunks of
+    128 tokens, ragged rows whose last tokens fall in different chunks generate what a one-piece prefill does."""
+    from qwen_jax import decoding
+
+    model, _ = loaded
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 151643, n).tolist() for n in (300, 100)]
+    gen = GenerationConfig.resolve(model.generation_config, max_new_tokens=6, do_sample=False)
+    whole = [r.tokens for r in list(generate_tokens(model, prompts, gen))[-1]]
+    calls = []
+    monkeypatch.setattr(decoding, "LINEAR_BUCKET", 128)
+    monkeypatch.setattr(decoding, "PREFILL_CHUNK", 128)
+    monkeypatch.setattr(decoding, "BUCKET_STEP", 128)
+    original = decoding._prefill_chunk
+    monkeypatch.setattr(decoding, "_prefill_chunk", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
+    chunked = [r.tokens for r in list(generate_tokens(model, prompts, gen))[-1]]
+    assert calls == [(2, 128)] * 3  # 300 tokens pad to 384
+    assert chunked == whole

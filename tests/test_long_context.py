@@ -36,25 +36,61 @@ def test_quantize_rounds_to_nearest_within_half_a_step(rng):
 
 
 def _numpy_attention(q, k, v, mask):
-    """float64 softmax attention: q [B, S, H, D], k/v [B, T, H, D], mask [B, S, T]."""
-    scores = np.einsum("bshd,bthd->bhst", q, k) / np.sqrt(q.shape[-1])
-    scores = np.where(mask[:, None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("bhst,bthd->bshd", probs, v)
+    """float64 softmax attention, one (row, query, head) at a time: q [B, S, H, D], k/v [B, H, T, D] (the cache's
+    layout), mask [B, S, T]."""
+    out = np.zeros(q.shape)
+    for b, s, h in np.ndindex(*q.shape[:3]):
+        scores = np.where(mask[b, s], k[b, h] @ q[b, s, h] / np.sqrt(q.shape[-1]), -np.inf)  # [T]
+        probs = np.exp(scores - scores.max())
+        out[b, s, h] = probs @ v[b, h] / probs.sum()
+    return out
 
 
 def test_attend_with_int8_keys_and_values_equals_attention_over_their_dequantized_values(rng):
     """Scales applied to scores and probabilities = attention over q * scale (float32 vs float64: ~1e-6)."""
     b, s, t, h, d = 2, 3, 7, 4, 16
     q = rng.normal(size=(b, s, h, d)).astype(np.float32)
-    k, v = (rng.normal(size=(b, t, h, d)).astype(np.float32) * 3 for _ in range(2))
+    k, v = (rng.normal(size=(b, h, t, d)).astype(np.float32) * 3 for _ in range(2))
     (kq, ks), (vq, vs) = kv_cache.quantize(jnp.asarray(k)), kv_cache.quantize(jnp.asarray(v))
     mask = np.arange(t)[None, None, :] <= np.array([[2, 4, 6], [0, 1, 6]])[:, :, None]
     out = attention.attend(jnp.asarray(q), kq, vq, jnp.asarray(mask), ks, vs)
     deq = [np.asarray(a, np.float64) * np.asarray(sc, np.float64)[..., None] for a, sc in ((kq, ks), (vq, vs))]
     want = _numpy_attention(q.astype(np.float64), *deq, mask)
     assert rel_err(np.asarray(out), want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8], ids=["bf16", "int8"])
+def test_write_then_read_round_trips_at_each_rows_start_and_leaves_other_slots(loaded, rng, dtype):
+    """k/v go in as the model makes them, [B, S, H, hd], and come out in the cache's [B, H, T, hd] at slots
+    start[b] … start[b] + S - 1; bf16 exactly, int8 within half a step of its scale; every other slot, and the
+    other layers, keep what they held."""
+    config = loaded[0].config.replace(num_hidden_layers=3)
+    b, s, t, h, hd = 2, 3, 10, config.num_attention_heads, config.head_dim
+    start = np.array([0, 6])
+    # stale values everywhere, so that a write to a wrong slot shows
+    cache = {name: jnp.asarray(rng.normal(size=a.shape) * 50, a.dtype)
+             for name, a in kv_cache.init_cache(config, b, t, dtype).items()}
+    new = [jnp.asarray(rng.normal(size=(b, s, h, hd)) * 3, jnp.bfloat16) for _ in range(2)]
+    written = jax.jit(kv_cache.write)(cache, jnp.int32(1), *new, jnp.asarray(start, jnp.int32))
+    assert kv_cache.max_len(written) == t
+    before = {name: np.asarray(a, np.float64) for name, a in cache.items()}
+    got = {name: np.asarray(a, np.float64) for name, a in kv_cache.read(written, jnp.int32(1)).items()}
+    assert got["k"].shape == (b, h, t, hd) and (dtype != jnp.int8 or got["k_scale"].shape == (b, h, t))
+    fresh = np.zeros((b, h, t), bool)  # the slots written
+    for row in range(b):
+        fresh[row, :, start[row]:start[row] + s] = True
+    for name, x in zip(("k", "v"), new):
+        want = np.asarray(x, np.float64).transpose(0, 2, 1, 3)  # [B, H, S, hd]
+        for row in range(b):
+            stored = got[name][row, :, start[row]:start[row] + s]  # [H, S, hd]
+            if dtype == jnp.int8:
+                scale = got[f"{name}_scale"][row, :, start[row]:start[row] + s, None]  # [H, S, 1]
+                assert np.all(np.abs(stored * scale - want[row]) <= scale * 0.5 * (1 + 2**-9))
+            else:
+                np.testing.assert_array_equal(stored, want[row])
+    for name in got:
+        np.testing.assert_array_equal(got[name][~fresh], before[name][1][~fresh])
+        np.testing.assert_array_equal(np.asarray(written[name], np.float64)[[0, 2]], before[name][[0, 2]])
 
 
 def _decode_logits(model, seqs, prompt_len, prefill):
