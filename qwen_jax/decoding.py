@@ -130,8 +130,9 @@ def _prefill_chunk(module: Qwen, params, ids, start, prompt_len, ntk_alpha, cach
     batch, size = ids.shape
     positions = jnp.broadcast_to(start + jnp.arange(size, dtype=jnp.int32), (batch, size))
     last = prompt_len - 1
-    new, cache = apply(module, params, ids, positions, ntk_alpha, cache, logits_index=jnp.clip(last - start, 0, size - 1),
-                       prefill=first, mesh=mesh, rules=rules)
+    index = jnp.clip(last - start, 0, size - 1)
+    new, cache = apply(module, params, ids, positions, ntk_alpha, cache, logits_index=index, prefill=first,
+                       mesh=mesh, rules=rules)
     here = (last >= start) & (last < start + size)
     return jnp.where(here[:, None, None], new, logits), cache
 
