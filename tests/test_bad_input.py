@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import qwen_jax
-from qwen_jax import testing
-from qwen_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from qwen_jax.checkpoint.safetensors_io import CheckpointError
 from qwen_jax.config import ConfigError
+from tests.checkpoint_edits import rewrite_tensors
 
 
 @pytest.fixture
@@ -19,18 +19,15 @@ def ckpt(tmp_path, tiny_dir):
     return directory
 
 
-def _rewrite_shard(directory, mutate):
-    """Rewrite the shard holding layer 1's tensors after `mutate(tensors)` (a dict name -> array)."""
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
-    shard = index["weight_map"]["transformer.h.1.mlp.w1.weight"]
-    reader = SafetensorsCheckpoint(directory)
-    tensors = {n: np.array(reader.get(n)) for n, info in reader.tensors.items() if info.file.name == shard}
-    mutate(tensors)
-    specs = [(n, a.shape, a.dtype, (lambda a=a: a)) for n, a in tensors.items()]
-    testing.write_safetensors(directory / shard, specs)
-    index["weight_map"] = {n: s for n, s in index["weight_map"].items() if n in reader.tensors and (s != shard or n in tensors)}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    return shard
+W1 = "transformer.h.1.mlp.w1.weight"  # its shard is the one the tests rewrite
+
+
+@pytest.fixture(params=["tiny_dir", "tiny_gptq_dir"], ids=["float", "gptq"])
+def any_ckpt(request, tmp_path):
+    """A copy of the float or the GPTQ tiny checkpoint: for errors of the shared safetensors layer."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(request.getfixturevalue(request.param), directory)
+    return directory
 
 
 def test_missing_config(ckpt):
@@ -48,14 +45,14 @@ def test_config_missing_key(ckpt):
 
 
 def test_missing_tensor(ckpt):
-    _rewrite_shard(ckpt, lambda t: t.pop("transformer.h.1.mlp.w1.weight"))
+    rewrite_tensors(ckpt, W1, lambda t: t.pop(W1))
     with pytest.raises(CheckpointError, match=r"missing.*transformer\.h\.1\.mlp\.w1\.weight"):
         qwen_jax.load(ckpt)
 
 
 def test_tensor_listed_in_index_but_not_in_shard(ckpt):
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    shard = _rewrite_shard(ckpt, lambda t: t.pop("transformer.h.1.mlp.w1.weight"))
+    shard = rewrite_tensors(ckpt, W1, lambda t: t.pop(W1))
     index["weight_map"]["transformer.h.1.mlp.w1.weight"] = shard
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=rf"{shard}.*transformer\.h\.1\.mlp\.w1\.weight.*not in the shard"):
@@ -66,7 +63,7 @@ def test_wrong_shape(ckpt):
     def shrink(t):
         t["transformer.h.1.mlp.w1.weight"] = t["transformer.h.1.mlp.w1.weight"][:-1]
 
-    shard = _rewrite_shard(ckpt, shrink)
+    shard = rewrite_tensors(ckpt, W1, shrink)
     with pytest.raises(CheckpointError, match=rf"{shard}.*transformer\.h\.1\.mlp\.w1\.weight.*\[127, 64\].*expected \[128, 64\]"):
         qwen_jax.load(ckpt)
 
@@ -75,18 +72,18 @@ def test_wrong_dtype(ckpt):
     def to_int(t):
         t["transformer.h.1.ln_2.weight"] = t["transformer.h.1.ln_2.weight"].astype(np.int32)
 
-    _rewrite_shard(ckpt, to_int)
+    rewrite_tensors(ckpt, "transformer.h.1.ln_2.weight", to_int)
     with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.ln_2\.weight.*dtype int32"):
         qwen_jax.load(ckpt)
 
 
-def test_truncated_shard(ckpt):
-    shard = sorted(ckpt.glob("model-*.safetensors"))[-1]
+def test_truncated_shard(any_ckpt):
+    shard = sorted(any_ckpt.glob("model-*.safetensors"))[-1]
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size - 1000)
     with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated: tensor .* needs bytes up to {size}, the file has {size - 1000}"):
-        qwen_jax.load(ckpt)
+        qwen_jax.load(any_ckpt)
 
 
 def test_missing_shard(ckpt):
@@ -100,7 +97,7 @@ def test_unexpected_tensor(ckpt):
     def add(t):
         t["transformer.h.7.ln_1.weight"] = np.ones(64, np.float16)
 
-    _rewrite_shard(ckpt, add)
+    rewrite_tensors(ckpt, W1, add)
     with pytest.raises(CheckpointError, match=r"unexpected tensor.*transformer\.h\.7\.ln_1\.weight"):
         qwen_jax.load(ckpt)
 

@@ -18,7 +18,7 @@ import pytest
 import qwen_jax
 from convert import convert
 from qwen_jax.checkpoint import CheckpointError, orbax_io
-from tests.test_gptq_bad_input import rewrite_tensors
+from tests.checkpoint_edits import rewrite_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import qwen_jax
-from qwen_jax import testing
-from qwen_jax.checkpoint import CheckpointError, SafetensorsCheckpoint
+from qwen_jax.checkpoint import CheckpointError
+from tests.checkpoint_edits import rewrite_tensors
 
 
 @pytest.fixture
@@ -16,20 +16,6 @@ def ckpt(tmp_path, tiny_gptq_dir):
     directory = tmp_path / "gptq"
     shutil.copytree(tiny_gptq_dir, directory)
     return directory
-
-
-def rewrite_tensors(directory, name, mutate):
-    """Rewrite the shard holding tensor `name` after `mutate(tensors)` (a dict name -> array); returns the shard."""
-    reader = SafetensorsCheckpoint(directory)
-    shard = reader.info(name).file
-    tensors = {n: np.array(reader.get(n)) for n, info in reader.tensors.items() if info.file == shard}
-    mutate(tensors)
-    testing.write_safetensors(shard, [(n, a.shape, a.dtype, (lambda a=a: a)) for n, a in tensors.items()])
-    index_file = directory / "model.safetensors.index.json"
-    index = json.loads(index_file.read_text())
-    index["weight_map"] = {n: s for n, s in index["weight_map"].items() if s != shard.name or n in tensors}
-    index_file.write_text(json.dumps(index))
-    return shard.name
 
 
 def edit_quantize_config(directory, **changes):
@@ -41,15 +27,6 @@ def edit_quantize_config(directory, **changes):
             target.pop(key, None) if value is None else target.__setitem__(key, value)
     (directory / "quantize_config.json").write_text(json.dumps(qc))
     (directory / "config.json").write_text(json.dumps(raw))
-
-
-def test_truncated_shard(ckpt):
-    shard = sorted(ckpt.glob("model-*.safetensors"))[-1]
-    size = shard.stat().st_size
-    with open(shard, "r+b") as f:
-        f.truncate(size - 1000)
-    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated: tensor \S+ needs bytes up to {size}"):
-        qwen_jax.load(ckpt)
 
 
 def test_missing_qzeros(ckpt):
@@ -99,29 +76,20 @@ def test_scales_of_the_wrong_shape(ckpt):
         qwen_jax.load(ckpt)
 
 
-def test_nan_scales(ckpt):
-    name = "transformer.h.1.mlp.c_proj.scales"
-
-    def poison(t):
+@pytest.mark.parametrize("name,index,value,message", [
+    ("transformer.h.1.mlp.c_proj.scales", (3, 17), np.nan,
+     r"non-finite scale nan at \[group, column\] \[3, 17\]"),
+    # byte 2 (bits 16-23) of word 2 = column 10: stored 128, zero 129
+    ("transformer.h.0.attn.c_proj.qzeros", (1, 2), 0x7F807F7F,
+     r"zero points \[128, 128, 129, 128\] at group 1, columns 8\.\.11"),
+], ids=["nan-scale", "zero-point-other-than-128"])
+def test_a_bad_value_is_named_with_its_place(ckpt, name, index, value, message):
+    def corrupt(t):
         t[name] = t[name].copy()
-        t[name][3, 17] = np.nan
+        t[name][index] = value
 
-    shard = rewrite_tensors(ckpt, name, poison)
-    with pytest.raises(CheckpointError, match=rf"{shard}: tensor {name}: non-finite scale nan at \[group, column\] "
-                                              r"\[3, 17\]"):
-        qwen_jax.load(ckpt)
-
-
-def test_zero_point_other_than_128(ckpt):
-    name = "transformer.h.0.attn.c_proj.qzeros"
-
-    def shift_zero(t):
-        t[name] = t[name].copy()
-        t[name][1, 2] = 0x7F807F7F  # byte 2 (bits 16-23) of word 2 = column 10: stored 128, zero 129
-
-    shard = rewrite_tensors(ckpt, name, shift_zero)
-    with pytest.raises(CheckpointError, match=rf"{shard}: tensor {name}: zero points \[128, 128, 129, 128\] at "
-                                              r"group 1, columns 8\.\.11"):
+    shard = rewrite_tensors(ckpt, name, corrupt)
+    with pytest.raises(CheckpointError, match=rf"{shard}: tensor {name}: " + message):
         qwen_jax.load(ckpt)
 
 
