@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import describe, median_seconds
+from benchmarks.timing import describe, median_seconds, rel_err
 from qwen_jax import attention
 from qwen_jax import cache as kv_cache
 from qwen_jax import sharding as sharding_lib
@@ -30,11 +30,6 @@ from qwen_jax.config import preset
 from qwen_jax.model import QwenModel
 
 HEADS, HEAD_DIM = 64, 128
-
-
-def rel_err(y, ref) -> float:
-    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def qkv(seed, batch, seq, dtype=jnp.bfloat16):

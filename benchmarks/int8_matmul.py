@@ -69,11 +69,6 @@ def float_xla_path(x, w, layer=None):
     return quant.reference_matmul(x, {"kernel": w}, layer=layer)
 
 
-def rel_err(y, ref) -> float:
-    y = y.astype(jnp.float32)
-    return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-
-
 class Shape:
     """Weight sets, inputs per M and float32 references for one K×N."""
 
@@ -120,7 +115,7 @@ def time_configs(shape: Shape, m: int, cfgs, reps=15, threads=8):
         if f is None:
             continue
         try:
-            err = rel_err(f(sets)[0], shape.ref(m))
+            err = timing.rel_err(f(sets)[0], shape.ref(m))
             us = timing.median_seconds(f, sets, reps=reps) / len(sets) * 1e6
         except Exception as e:  # a launch over the device's limits
             print(f"    failed {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
@@ -149,7 +144,7 @@ def smoke(form: str) -> None:
     shape = Shape(1024, 1024, seed=0)
     m = 1 if form == "fma" else 16
     cfg = km.Config(m, 128, 2, 2, form=form)
-    err = rel_err(km.matmul(shape.xs(m)[0], *shape.weights[0], config=cfg), shape.ref(m))
+    err = timing.rel_err(km.matmul(shape.xs(m)[0], *shape.weights[0], config=cfg), shape.ref(m))
     assert err < 1e-2, err
 
 
@@ -215,7 +210,7 @@ def table(shape: Shape, name: str, ms, configs: dict, copy_gbs: float, bf16_weig
             seconds, first = timing.per_call_seconds(*path, reps=10 if m <= 64 else 3)
             us[label] = seconds * 1e6
             if label != "bf16":
-                err[label] = rel_err(first, shape.ref(m))
+                err[label] = timing.rel_err(first, shape.ref(m))
         gbs = {p: (shape.bytes if p != "bf16" else 2 * shape.k * shape.n) / t / 1e3 for p, t in us.items()}
         kern = (f"{us['kernel']:.1f} | {gbs['kernel']:.0f} | {100 * gbs['kernel'] / copy_gbs:.0f}% | "
                 f"{err['kernel']:.1e} | {us['xla'] / us['kernel']:.2f}×") if cfg else "— | — | — | — | —"
@@ -248,7 +243,7 @@ def float_table(name: str, ms, copy_gbs: float) -> list[str]:
                          (float_xla_path, list(zip(xs, unstacked)))]:
             seconds, first = timing.per_call_seconds(fn, sets, reps=10)
             cells += [f"{seconds * 1e6:.1f}", f"{100 * 2 * k * n / seconds / 1e9 / copy_gbs:.0f}%",
-                      f"{rel_err(first, ref):.1e}"]
+                      f"{timing.rel_err(first, ref):.1e}"]
         cfg = km.default_config(m, k, n, km.FLOAT_GROUP, 2)
         rows.append(f"| {name} {k}×{n} | {m} | {config_text(cfg)} | {' | '.join(cells)} |")
         print(rows[-1], flush=True)

@@ -11,8 +11,15 @@ import platform
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_jax.bench import copy_bandwidth, median_seconds  # noqa: F401  (shared with the whole-model bench)
+
+
+def rel_err(y, ref) -> float:
+    """‖y − ref‖ / ‖ref‖ in float64."""
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def describe() -> str:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax import quant
+from qwen_jax import sharding as sharding_lib
 
 FLASH_HEAD_DIMS = (64, 128)  # head sizes cuDNN's fused attention handles (Qwen's is 128)
 
@@ -30,8 +31,7 @@ def flash_applies(dtype, head_dim: int, num_devices: int | None = None) -> bool:
     Under a mesh of several devices the XLA path runs: the fused call's partitioning was not tested on several GPUs.
     """
     if num_devices is None:
-        mesh = jax.sharding.get_abstract_mesh()
-        num_devices = 1 if mesh.empty else mesh.size
+        num_devices = sharding_lib.traced_devices()
     return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim in FLASH_HEAD_DIMS and num_devices == 1)
 

@@ -93,10 +93,10 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
         one elementwise pass that writes it).
     """
     kv_dtype = dtype if kv_dtype is None else kv_dtype
+    shape, key_dtype, axes = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
     split, devices = 1, 1
     if mesh is not None:
         devices = mesh.size
-        shape, _, axes = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
         shard = sharding_lib.named_sharding(mesh, rules, axes).shard_shape(shape)
         batch_axis, heads_axis = axes.index("batch"), axes.index("kv_heads")
         split = max(1, (batch * config.num_attention_heads) // (shard[batch_axis] * shard[heads_axis]))
@@ -113,8 +113,7 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
         # XLA's GEMM autotuner runs each attention GEMM on test copies of its operands, and the layer's cache slice
         # is fused into them, so the operand is a whole [L, …] cache array: on an H100 beside 72B-Int8 it failed
         # allocating exactly one int8 k stack (2.20 GiB at 3584 slots), BENCHMARKS.md.
-        shape, dt, _ = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
-        need["GEMM autotuning copy of the cache"] = math.prod(shape) * jnp.dtype(dt).itemsize // split
+        need["GEMM autotuning copy of the cache"] = math.prod(shape) * jnp.dtype(key_dtype).itemsize // split
     if quant_group and batch * chunk > int8_matmul.MAX_KERNEL_M:
         widest = config.hidden_size * 2 * config.mlp_width  # mlp/w1w2
         need["prefill dequantized layer"] = widest * itemsize // split

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwen_jax import sharding as sharding_lib
 from qwen_jax.kernels import int8_matmul
 
 
@@ -80,9 +81,5 @@ def _kernel_operands(weight, layer) -> tuple[jax.Array, ...]:
 
 
 def _kernel_applies(x, operands, layer) -> bool:
-    # A Pallas call is opaque to XLA's SPMD partitioner, which would gather its sharded operands: under a mesh
-    # of several devices the XLA path runs (a shard_map'd kernel is future work).
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return False
-    return int8_matmul.supported(x, *operands, layer=layer)
+    # Under a mesh of several devices the XLA path runs (a shard_map'd kernel is future work).
+    return sharding_lib.traced_devices() == 1 and int8_matmul.supported(x, *operands, layer=layer)

@@ -123,6 +123,15 @@ def named_sharding(mesh: Mesh, rules: str | Rules, logical_axes: Sequence[str | 
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def traced_devices() -> int:
+    """How many devices the mesh being traced under (`activate`) spans; 1 outside any mesh.
+
+    Custom calls (Pallas kernels, cuDNN attention) run only where this is 1: XLA's SPMD partitioner cannot see
+    into them and would gather their sharded operands."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.size
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: str | Rules):
     """While tracing (inside jit): the mesh and rules that turn the model's logical constraints into shardings."""
