@@ -160,10 +160,9 @@ def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sam
              mesh=None, rules=(), chunk: int | None = None) -> DecodeState:
     """ids [B, S] right-padded, prompt_len [B] -> DecodeState holding the first generated token.
 
-    Prompts longer than LINEAR_BUCKET are prefilled in chunks of PREFILL_CHUNK tokens (`chunk` overrides): a
-    prefill's temporaries (activations, dequantized weights, their GEMMs' autotuning buffers) then scale with the
-    chunk, not the prompt — on one H100 beside 72B-Int8's weights, a 3072-token prefill in one piece failed in
-    XLA's GEMM autotuning for lack of memory (BENCHMARKS.md). Every chunk after the first compiles to one program.
+    Prompts longer than LINEAR_BUCKET are prefilled in chunks of PREFILL_CHUNK tokens (`chunk` overrides), so that
+    a prefill's activations and attention scores scale with the chunk, not the prompt (cache.request_bytes_per_device
+    counts them so). Every chunk after the first compiles to one program.
     """
     batch, seq = ids.shape
     chunk = chunk or prefill_chunk(seq)
