@@ -5,7 +5,8 @@ Two cases, both with queries and output [batch, seq, heads, head_dim]:
     only to each other. On a GPU this is cuDNN's fused flash attention: it never forms the [B, H, S, S] scores
     (313 vs 39 TFLOP/s for XLA at 4k tokens on the H100, ../shared/MEASUREMENTS.md) and needs no memory for them,
     which is what lets a long prompt fit beside 72B's weights.
-  - `attend`: queries against keys/values read from the KV cache, under an explicit mask (decode). Keys and values
+  - `attend`: queries against keys/values of one layer of the KV cache, under an explicit mask: the XLA path of
+    qwen_jax.cache.attend (CPU, meshes of several devices; a GPU runs qwen_jax.kernels.cache_attention). Keys and values
     come in the cache's layout [batch, heads, slots, head_dim] and are consumed in it: both products are batched
     matmuls over (batch, head) with each head's [slots, head_dim] matrix as stored, so no copy of the cache is formed.
     They may be int8 with one scale per (head, token): the scales are applied to the scores and to the
@@ -36,15 +37,15 @@ def flash_applies(dtype, head_dim: int, num_devices: int | None = None) -> bool:
             and head_dim in FLASH_HEAD_DIMS and num_devices == 1)
 
 
-def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q, k, v [B, S, H, D] -> [B, S, H, D]: token i of a row attends to tokens 0..i of the same row.
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    """q, k, v [B, S, H, D], positions [B, S] -> [B, S, H, D]: token i of a row attends to tokens 0..i of the row.
 
-    mask [B, S, S] is that causal mask by position, for the XLA path; cuDNN's causal mask by index is the same
-    because a row's positions are consecutive. Padding after a row's last real token is never seen by its real
-    tokens.
+    The XLA path masks by position; cuDNN's causal mask by index is the same because a row's positions are
+    consecutive. Padding after a row's last real token is never seen by its real tokens.
     """
     if flash_applies(q.dtype, q.shape[-1]):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    mask = positions[:, None, :] <= positions[:, :, None]  # [B, S, S]
     # attend takes the cache's [B, H, S, D]; these are only this call's tokens, so the transpose is cheap
     return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
 

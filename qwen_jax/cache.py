@@ -15,8 +15,11 @@ and the layer loop updates its layer in place.
 The cache holds keys and values in the model's dtype, or (`dtype=jnp.int8`) as int8 with one float16 scale per
 (head, slot) — absmax over head_dim, rounded to nearest — which halves its memory: Qwen-72B has no grouped-query
 attention, so a bf16 cache costs 2.5 MiB per token, and on one 80 GB GPU beside 68–71 GiB of weights that decides
-the context length. Every access goes through `write` and `read`; attention applies the scales itself
-(qwen_jax.attention.attend), so no dequantized copy of the cache is ever formed.
+the context length. Int8 values are stored as int32 words of 4 consecutive head_dim values: Pallas's Triton
+lowering indexes an array of 2–4 GiB with signed 32-bit element offsets, which wrap past 2**31 elements for a
+1-byte type (72B's int8 key stack is 2–4 GiB between 3.3k and 6.5k slots), and never for a 4-byte one.
+Every access goes through `write`, `read` and `attend`; attention applies the scales itself, so no dequantized
+copy of the cache is ever formed.
 """
 
 from __future__ import annotations
@@ -24,18 +27,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qwen_jax import attention
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.config import QwenConfig
-from qwen_jax.kernels import int8_matmul
+from qwen_jax.kernels import cache_attention, int8_matmul
 
-Cache = dict[str, jax.Array]  # "k", "v" [L, B, H, T, hd]; int8 caches also "k_scale", "v_scale" [L, B, H, T]
+# "k", "v" [L, B, H, T, hd] (int8 caches: int32 words [L, B, H, T, hd / 4]); int8 caches also "k_scale", "v_scale"
+# [L, B, H, T]
+Cache = dict[str, jax.Array]
 KV_AXES = ("layers", "batch", "kv_heads", "kv_len", "head_dim")
 SCALE_DTYPE = jnp.float16
 _INT8_MAX = 127
+_WORD = jnp.int32  # storage of int8 values (module docstring)
+
+
+def _words(head_dim: int) -> int:
+    if head_dim % cache_attention.WORD_VALUES:
+        raise ValueError(f"the int8 KV cache packs {cache_attention.WORD_VALUES} values per word: head_dim "
+                         f"{head_dim} is not a multiple")
+    return head_dim // cache_attention.WORD_VALUES
+
+
+def pack(q: jax.Array) -> jax.Array:
+    """int8 [..., hd] -> int32 words [..., hd / 4]; value 4j + p is byte p (from the least significant) of word j."""
+    return jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, cache_attention.WORD_VALUES), _WORD)
+
+
+def unpack(words: jax.Array) -> jax.Array:
+    """int32 words [..., hd / 4] -> int8 [..., hd]."""
+    return jax.lax.bitcast_convert_type(words, jnp.int8).reshape(*words.shape[:-1], -1)
 
 
 def is_quantized(dtype) -> bool:
@@ -45,9 +69,12 @@ def is_quantized(dtype) -> bool:
 def _specs(config: QwenConfig, batch: int, max_len: int, dtype) -> dict[str, tuple[tuple[int, ...], Any, tuple]]:
     """name -> (shape, dtype, logical axes) of each array of a cache."""
     shape = (config.num_hidden_layers, batch, config.num_attention_heads, max_len, config.head_dim)
-    specs = {"k": (shape, dtype, KV_AXES), "v": (shape, dtype, KV_AXES)}
     if is_quantized(dtype):
+        words = (*shape[:-1], _words(config.head_dim))
+        specs = {name: (words, _WORD, KV_AXES) for name in ("k", "v")}
         specs.update({f"{name}_scale": (shape[:-1], SCALE_DTYPE, KV_AXES[:-1]) for name in ("k", "v")})
+    else:
+        specs = {name: (shape, dtype, KV_AXES) for name in ("k", "v")}
     return specs
 
 
@@ -84,10 +111,10 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
     chunks of `prefill_chunk` tokens (default: in one piece):
       - its KV cache (`kv_dtype`, default `dtype`);
       - the prefill's attention scores: the first chunk's [batch, heads, chunk, chunk] float32 unless cuDNN's flash
-        attention runs; later chunks attend over the cache with XLA: scores and probabilities [batch, heads,
-        chunk, max_len] float32;
+        attention runs; later chunks attend over the cache: with the kernel (`kernel_applies`), its per-split
+        softmax states, else XLA's scores and probabilities [batch, heads, chunk, max_len] float32;
       - the prefill's widest activation, w1|w2's [batch, chunk, 2 × mlp] float32 product and its `dtype` cast;
-      - on a GPU, one more copy of the cache's keys, for XLA's GEMM autotuner (below);
+      - on a GPU without the kernel, one more copy of the cache's keys, for XLA's GEMM autotuner (below);
       - for int8 weights, a prefill's dequantized copy of the widest layer in `dtype` (prefills of more than
         int8_matmul.MAX_KERNEL_M tokens take the dequantize + cuBLAS path; XLA fuses the scale multiply into the
         one elementwise pass that writes it).
@@ -103,13 +130,17 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
     itemsize = jnp.dtype(dtype).itemsize
     chunk = min(prefill_chunk or prompt_len, prompt_len)
     need = {"KV cache": cache_bytes(config, batch, max_len, kv_dtype) // split}
-    score_rows = 4 * batch * config.num_attention_heads * chunk  # float32 bytes per key of a chunk's scores
-    scores = max(0 if attention.flash_applies(dtype, config.head_dim, devices) else score_rows * chunk,
-                 2 * score_rows * max_len if chunk < prompt_len else 0)
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    kernel = kernel_applies(dtype, head_dim, kv_dtype, devices)
+    score_rows = 4 * batch * heads * chunk  # float32 bytes per key of a chunk's scores
+    over_cache = (cache_attention.partials_bytes(batch, chunk, heads, head_dim, max_len, key_dtype) if kernel
+                  else 2 * score_rows * max_len)
+    scores = max(0 if attention.flash_applies(dtype, head_dim, devices) else score_rows * chunk,
+                 over_cache if chunk < prompt_len else 0)
     if scores:
         need["prefill attention scores"] = scores // split
     need["prefill activations"] = batch * chunk * 2 * config.mlp_width * (4 + itemsize) // split
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() == "gpu" and not kernel:
         # XLA's GEMM autotuner runs each attention GEMM on test copies of its operands, and the layer's cache slice
         # is fused into them, so the operand is a whole [L, …] cache array: on an H100 beside 72B-Int8 it failed
         # allocating exactly one int8 k stack (2.20 GiB at 3584 slots), BENCHMARKS.md.
@@ -164,7 +195,8 @@ def write(cache: Cache, layer: jax.Array, k: jax.Array, v: jax.Array, start: jax
     new = {"k": k, "v": v}
     if "k_scale" in cache:
         for name in ("k", "v"):
-            new[name], new[f"{name}_scale"] = quantize(new[name])  # [B, S, H, hd] int8, [B, S, H]
+            q, new[f"{name}_scale"] = quantize(new[name])  # [B, S, H, hd] int8, [B, S, H]
+            new[name] = pack(q)
     # The heads slice separates the index arrays rows and slots, so (NumPy's rule for separated index arrays) the
     # indexed view of [L, B, H, T, ...] is [B, S, H, ...]: the model's [B, S, H, hd] goes in as it is.
     return {name: cache[name].at[layer, rows, :, slots].set(value.astype(cache[name].dtype))
@@ -172,8 +204,37 @@ def write(cache: Cache, layer: jax.Array, k: jax.Array, v: jax.Array, start: jax
 
 
 def read(cache: Cache, layer: jax.Array) -> dict[str, jax.Array]:
-    """Layer `layer` of every array of the cache: "k", "v" [B, H, T, hd] (and "k_scale", "v_scale" [B, H, T])."""
-    return {name: array[layer] for name, array in cache.items()}
+    """Layer `layer` of every array of the cache: "k", "v" [B, H, T, hd] (int8 for an int8 cache, with "k_scale",
+    "v_scale" [B, H, T]). A copy: the XLA path's reader, and the tests'."""
+    out = {name: array[layer] for name, array in cache.items()}
+    if "k_scale" in cache:
+        out["k"], out["v"] = unpack(out["k"]), unpack(out["v"])
+    return out
+
+
+def kernel_applies(dtype, head_dim: int, kv_dtype, num_devices: int | None = None) -> bool:
+    """Whether `attend` runs the Pallas kernel (qwen_jax.kernels.cache_attention): a GPU, a 16-bit model, one
+    device (`num_devices`, by default the size of the mesh being traced under)."""
+    if num_devices is None:
+        num_devices = sharding_lib.traced_devices()
+    kv_dtype = _WORD if is_quantized(kv_dtype) else kv_dtype
+    return num_devices == 1 and cache_attention.supported(dtype, head_dim, kv_dtype)
+
+
+def attend(cache: Cache, layer: jax.Array, q: jax.Array, positions: jax.Array) -> jax.Array:
+    """q [B, S, H, hd] at positions [B, S] attends to slots 0 … positions[b, i] of row b of layer `layer`
+    -> [B, S, H, hd] in q's dtype.
+
+    On a GPU the kernel reads the stacked cache in place; elsewhere (CPU, meshes of several devices) XLA attends
+    over one layer's copy under the causal mask by absolute position.
+    """
+    if kernel_applies(q.dtype, q.shape[-1], jnp.int8 if "k_scale" in cache else cache["k"].dtype):
+        return cache_attention.attend(q, positions, cache["k"], cache["v"], layer, cache.get("k_scale"),
+                                      cache.get("v_scale"))
+    # k/v [B, H, T, hd] and scales [B, H, T]: the cache's axes after `layers` (scales stop before head_dim)
+    kv = {name: nn.with_logical_constraint(a, KV_AXES[1:a.ndim + 1]) for name, a in read(cache, layer).items()}
+    mask = jnp.arange(max_len(cache))[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    return attention.attend(q, kv["k"], kv["v"], mask, kv.get("k_scale"), kv.get("v_scale"))
 
 
 def max_len(cache: Cache) -> int:

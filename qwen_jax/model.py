@@ -145,12 +145,12 @@ class Attention(nn.Module):
     quant_group: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, logn, mask, layer=None, cache=None, write_start=None, attend_cache=False):
+    def __call__(self, x, cos, sin, logn, positions, layer=None, cache=None, attend_cache=False):
         """x [B, S, embed] -> ([B, S, embed], updated cache or None).
 
-        cos/sin [B, S, head_dim]; logn [B, S]. This call's keys are written to the cache's layer `layer` (if
-        given) at slots write_start[b] … of row b. With `attend_cache` the queries attend to the T slots of that
-        layer under mask [B, S, T]; else to this call's own S tokens, causally (mask [B, S, S], for the XLA path).
+        cos/sin [B, S, head_dim]; logn, positions [B, S]. This call's keys are written to the cache's layer `layer`
+        (if given) at slots positions[b, 0] … of row b. With `attend_cache` each query attends to that layer's
+        slots up to its own position; else to this call's own S tokens, causally.
         """
         c = self.config
         heads, hd = c.num_attention_heads, c.head_dim
@@ -161,14 +161,11 @@ class Attention(nn.Module):
         k = apply_rope(qkv[:, :, 1], cos, sin).astype(self.dtype)
         v = qkv[:, :, 2]
         if cache is not None:
-            cache = kv_cache.write(cache, layer, k, v, write_start)
+            cache = kv_cache.write(cache, layer, k, v, positions[:, 0])
         if attend_cache:
-            # k/v [B, H, T, hd] and scales [B, H, T]: the cache's axes after `layers` (scales stop before head_dim)
-            kv = {name: nn.with_logical_constraint(a, kv_cache.KV_AXES[1:a.ndim + 1])
-                  for name, a in kv_cache.read(cache, layer).items()}
-            out = attention.attend(q, kv["k"], kv["v"], mask, kv.get("k_scale"), kv.get("v_scale"))
+            out = kv_cache.attend(cache, layer, q, positions)
         else:
-            out = attention.causal_self_attention(q, k, v, mask)  # [B, S, H, hd]
+            out = attention.causal_self_attention(q, k, v, positions)  # [B, S, H, hd]
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         out = out.reshape(*out.shape[:2], heads * hd)
         out = Linear(heads * hd, (c.hidden_size,), ("heads", "embed"), self.dtype, self.quant_group,
@@ -198,11 +195,10 @@ class Block(nn.Module):
     quant_group: int | None
 
     @nn.compact
-    def __call__(self, x, cos, sin, logn, mask, layer=None, cache=None, write_start=None, attend_cache=False):
+    def __call__(self, x, cos, sin, logn, positions, layer=None, cache=None, attend_cache=False):
         eps = self.config.layer_norm_epsilon
         attn_out, cache = Attention(self.config, self.dtype, self.quant_group, name="attn")(
-            RMSNorm(eps, self.dtype, name="ln_1")(x, layer), cos, sin, logn, mask, layer, cache, write_start,
-            attend_cache)
+            RMSNorm(eps, self.dtype, name="ln_1")(x, layer), cos, sin, logn, positions, layer, cache, attend_cache)
         h = x + attn_out
         out = h + MLP(self.config, self.dtype, self.quant_group, name="mlp")(
             RMSNorm(eps, self.dtype, name="ln_2")(h, layer), layer)
@@ -274,8 +270,8 @@ class Qwen:
         x = jax.ShapeDtypeStruct((1, 1, c.hidden_size), self.dtype)
         rope = jax.ShapeDtypeStruct((1, 1, c.head_dim), jnp.float32)
         logn = jax.ShapeDtypeStruct((1, 1), jnp.float32)
-        mask = jax.ShapeDtypeStruct((1, 1, 1), jnp.bool_)
-        inputs = {"wte": (jax.ShapeDtypeStruct((1, 1), jnp.int32),), "layers": (x, rope, rope, logn, mask),
+        positions = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+        inputs = {"wte": (positions,), "layers": (x, rope, rope, logn, positions),
                   "ln_f": (x,), "lm_head": (x,)}
         tree = {name: jax.eval_shape(module.init, key, *inputs[name])["params"]
                 for name, module in self._modules().items()}
@@ -307,17 +303,11 @@ class Qwen:
         cos, sin = rope_tables(positions, rope_base(c, ntk_alpha), c.head_dim)
         logn = logn_scale(positions, c.seq_length) if c.use_logn_attn else jnp.ones(positions.shape, jnp.float32)
         attend_cache = cache is not None and not prefill
-        if attend_cache:
-            slots = kv_cache.max_len(cache)
-            key_positions = jnp.broadcast_to(jnp.arange(slots), (ids.shape[0], slots))
-        else:
-            key_positions = positions
-        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, S, T] causal by absolute position
 
         def layer_step(layer, carry):
             x, cache = carry
-            return modules["layers"].apply({"params": params["layers"]}, x, cos, sin, logn, mask, layer, cache,
-                                           positions[:, 0], attend_cache)
+            return modules["layers"].apply({"params": params["layers"]}, x, cos, sin, logn, positions, layer, cache,
+                                           attend_cache)
 
         x, cache = jax.lax.fori_loop(0, c.num_hidden_layers, layer_step, (x, cache))
         if logits_index is not None:

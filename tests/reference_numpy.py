@@ -58,3 +58,14 @@ def forward(config: QwenConfig, tensors: dict[str, np.ndarray], ids: np.ndarray)
         x = x + (up * gate / (1 + np.exp(-gate))) @ t[f"{p}.mlp.c_proj.weight"].T
     x = _rms(x, t["transformer.ln_f.weight"], config.layer_norm_epsilon)
     return x @ t["lm_head.weight"].T
+
+
+def attention(q, k, v, mask):
+    """float64 softmax attention, one (row, query, head) at a time: q [B, S, H, D], k/v [B, H, T, D] (the KV cache's
+    layout), mask [B, S, T] bool -> [B, S, H, D]."""
+    out = np.zeros(q.shape)
+    for b, s, h in np.ndindex(*q.shape[:3]):
+        scores = np.where(mask[b, s], k[b, h] @ q[b, s, h] / np.sqrt(q.shape[-1]), -np.inf)  # [T]
+        probs = np.exp(scores - scores.max())
+        out[b, s, h] = probs @ v[b, h] / probs.sum()
+    return out
