@@ -150,8 +150,8 @@ def compile_rows(n_layers: int, d: int, describe: str) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # 4 layers keep every stack under 2 GiB, so the kernel reads each in place (stacks of 2-4 GiB go through a
-    # slice: see int8_matmul); 22 layers (all stacks outside 2-4 GiB) ran out of memory in the XLA path.
+    # 4 layers keep every stack under 2 GiB, so the kernel reads each in place (int8 stacks of 2-4 GiB go through
+    # a slice: see int8_matmul); 22 layers (all stacks outside 2-4 GiB) ran out of memory in the XLA path.
     parser.add_argument("--layers", type=int, default=4, help="layers in the 72B-dims decode step (GPU only)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--compile-layers", type=int, default=80)

@@ -36,8 +36,8 @@ def matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None, layer: ja
     """x [..., K] @ weight [K, *N] -> [..., *N] in `out_dtype` (default x.dtype), accumulated in float32.
 
     `weight` holds either {"kernel"} (float) or {"qvalue", "scales"} (int8). With `layer`, the arrays are stacks
-    [L, …] of all layers and layer `layer` is used. Int8 weights and stacked float weights go to the fused GPU
-    kernel when it supports the shape (it reads the stack in place), everything else to `reference_matmul`.
+    [L, …] of all layers and layer `layer` is used. On a GPU the fused kernel takes every weight whose shape it
+    supports (`_kernel_operands` says why float weights too), everything else goes to `reference_matmul`.
     """
     operands = _kernel_operands(weight, layer)
     if operands and _kernel_applies(x, operands, layer):
@@ -71,13 +71,16 @@ def at_layer(stack: jax.Array, layer: jax.Array | None) -> jax.Array:
 
 
 def _kernel_operands(weight, layer) -> tuple[jax.Array, ...]:
-    """The fused kernel's weight operands: (qvalue, scales), (kernel,) for a stacked float weight, else ().
+    """The fused kernel's weight operands: (qvalue, scales) or (kernel,).
 
-    An unstacked float weight (e.g. the lm_head) stays with XLA: its dot reads it in place, with no slice to copy.
+    Float weights go to the kernel as well: a stacked one because XLA would copy the layer's slice before its dot;
+    an unstacked one (the lm_head) because XLA's GEMM autotuner profiles its dot on a test copy of the weight when
+    the program compiles. For 72B that is 2.3 GiB, allocated after the KV cache: on an H100 a 5120-token context
+    failed on exactly that allocation (BENCHMARKS.md).
     """
     if "qvalue" in weight:
         return weight["qvalue"], weight["scales"]
-    return () if layer is None else (weight["kernel"],)
+    return (weight["kernel"],)
 
 
 def _kernel_applies(x, operands, layer) -> bool:

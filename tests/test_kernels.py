@@ -126,8 +126,9 @@ def test_default_config_tiles_divide(weight_itemsize):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_stack_of_2_to_4_gib_is_read_through_a_slice(kind):
-    """Pallas would index it with wrapping 32-bit offsets; only the shapes matter, so trace without data."""
+def test_only_an_int8_stack_of_2_to_4_gib_is_read_through_a_slice(kind):
+    """Pallas would index a 3 GiB int8 stack with wrapping 32-bit element offsets (3 × 2**30 elements); a 3 GiB bf16
+    stack has half as many elements and is read in place. Only the shapes matter, so trace without data."""
     n = 128 * 1024 if kind == "int8" else 64 * 1024  # 3 layers: 3 GiB either way
     weight = {name: jax.ShapeDtypeStruct((3, rows, n), dtype) for name, rows, dtype in (
         [("qvalue", 8192, jnp.int8), ("scales", 64, jnp.float16)] if kind == "int8"
@@ -135,7 +136,7 @@ def test_stack_of_2_to_4_gib_is_read_through_a_slice(kind):
     x = jax.ShapeDtypeStruct((1, 8192), jnp.bfloat16)
     jaxpr = jax.make_jaxpr(lambda x, w: km.matmul(x, *_operands(w), layer=jnp.int32(2)))(x, weight)
     [call] = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
-    assert call.invars[2].aval.shape == (1, 8192, n)  # one layer, not the stack
+    assert call.invars[2].aval.shape == ((1 if kind == "int8" else 3), 8192, n)  # one layer, or the stack
 
 
 def test_supported_predicate():
@@ -151,9 +152,9 @@ def test_supported_predicate():
         assert not km.supported(x[:, :320], w[:320])  # K = 320 is no multiple of FLOAT_GROUP
 
 
-def test_quant_matmul_sends_stacked_weights_to_the_kernel(monkeypatch):
-    """Which path quant.matmul traces on a GPU (faked: tracing only): stacked int8 and float weights take the
-    kernel, an unstacked float weight (the lm_head) XLA's dot, which reads it without copying a slice."""
+def test_quant_matmul_sends_every_supported_weight_to_the_kernel(monkeypatch):
+    """Which path quant.matmul traces on a GPU (faked: tracing only): stacked int8 and float weights and an unstacked
+    float weight (the lm_head, kept from XLA's autotuner) take the kernel; a float32 input takes XLA's dot."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     x = jax.ShapeDtypeStruct((1, K), jnp.bfloat16)
 
@@ -163,4 +164,6 @@ def test_quant_matmul_sends_stacked_weights_to_the_kernel(monkeypatch):
 
     assert "pallas_call" in primitives(_weight("int8", 9, layers=2), jnp.int32(1))
     assert "pallas_call" in primitives(_weight("bfloat16", 9, layers=2), jnp.int32(1))
+    assert "pallas_call" in primitives(_weight("bfloat16", 9), None)
+    x = jax.ShapeDtypeStruct((1, K), jnp.float32)
     assert "pallas_call" not in primitives(_weight("bfloat16", 9), None)

@@ -7,10 +7,10 @@ with qvalue int8 [K, *N] and scales float16 [K // g, *N] in qwen_jax.quant's lay
 Decode (small M) is bound by reading the weights, so the kernel reads each weight byte and each scale once,
 converts in registers and accumulates in float32; it never writes a dequantized copy.
 
-Float weights (bf16/f16) come here only for the in-place `layer` below: XLA copies a dynamically indexed layer out
+Float weights (bf16/f16) come here for the in-place `layer` below: XLA copies a dynamically indexed layer out
 of its stack before cuBLAS reads it (a dynamic slice is not fused into a GEMM operand), so every bf16 weight byte
-moved about three times (BENCHMARKS.md, "72b × 8 layers, bf16"). An unstacked float weight has no such copy and
-stays with XLA's dot (qwen_jax.quant.matmul).
+moved about three times (BENCHMARKS.md, "72b × 8 layers, bf16"); and unstacked (the lm_head) to keep XLA's GEMM
+autotuner from allocating a test copy of the weight (qwen_jax.quant._kernel_operands).
 
 One program owns a [block_m, block_n] output tile and one of `k_splits` contiguous K ranges. It walks its range
 `groups_per_step` groups of g rows per loop step: for int8 g is the quantization group; float weights have no
@@ -28,10 +28,10 @@ With k_splits > 1 the K ranges write float32 partial sums [k_splits, M, N] that 
 `layer` lets a stacked weight [L, K, *N] be used in place (e.g. under lax.fori_loop): the kernel offsets its
 pointers by the layer index instead of XLA copying a dynamic slice of the stack for the custom call.
 
-Pallas's Triton lowering indexes an array of at most 4 GiB with 32-bit offsets, signed in the address arithmetic,
-so offsets past 2 GiB wrap (seen on the H100 with jax 0.11.2: wrong results for a 3.2 GB stack). An array in
-(2 GiB, 4 GiB] is therefore never indexed by the kernel: a stack that size is read through an XLA slice of its
-layer, and a single weight that size is not `supported`.
+Pallas's Triton lowering indexes an array of at most 4 GiB with signed 32-bit element offsets, which wrap past
+2**31 elements: only a 1-byte array of 2-4 GiB gets there (seen on the H100 with jax 0.11.2: wrong results for a
+3.2 GB int8 stack; a 3.4 GB bf16 stack reads correctly, benchmarks/attention_gpu.py). Such an int8 array is never
+indexed by the kernel: a stack is read through an XLA slice of its layer, and a single weight is not `supported`.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def default_config(m: int, k: int, n: int, group: int, weight_itemsize: int = 1)
 
 def _offsets_wrap(shape, dtype) -> bool:
     """Whether Pallas would index an array of this shape with 32-bit offsets that pass 2**31 (module docstring)."""
-    return 2**31 < math.prod(shape) * jnp.dtype(dtype).itemsize <= 2**32
+    return math.prod(shape) > 2**31 and math.prod(shape) * jnp.dtype(dtype).itemsize <= 2**32
 
 
 def _weight_fits(weight: jax.Array, scales: jax.Array | None, k: int, lead: int) -> bool:
@@ -216,7 +216,7 @@ def _weight_fits(weight: jax.Array, scales: jax.Array | None, k: int, lead: int)
 
 def supported(x: jax.Array, weight: jax.Array, scales: jax.Array | None = None, *, layer=None) -> bool:
     """Whether `matmul` can run this on the current backend (GPU; x bf16/f16; int8 values with a power-of-2 group,
-    or a bf16/f16 weight (scales None) with K % FLOAT_GROUP == 0; N % 64 == 0; no single weight of 2–4 GiB)."""
+    or a bf16/f16 weight (scales None) with K % FLOAT_GROUP == 0; N % 64 == 0; no single int8 weight of 2–4 GiB)."""
     if jax.default_backend() != "gpu":
         return False
     lead = 0 if layer is None else 1
