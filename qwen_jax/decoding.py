@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax import cache as kv_cache
 from qwen_jax import sampling
 from qwen_jax import sharding as sharding_lib
+from qwen_jax.kernels import int8_matmul
 from qwen_jax.model import Qwen, QwenModel, apply
 
 MIN_BUCKET = 16
@@ -156,6 +158,26 @@ def prefill_chunk(seq: int) -> int:
     return seq if seq <= LINEAR_BUCKET else PREFILL_CHUNK
 
 
+def plan_prefill(model: QwenModel, batch: int, seq: int, max_len: int) -> int:
+    """The prefill chunk for a request, after the memory preflight (cache.MemoryPreflightError if nothing fits).
+
+    `prefill_chunk(seq)` first. If that does not fit and the weights are int8, chunks of at most
+    int8_matmul.MAX_KERNEL_M rows in all: every matmul then runs the int8 kernel, which needs no dequantized copy
+    of a layer (0.75 GiB on 72B), for a slower prefill. On one H100 that is what lets 72B-Int8 take a 5120-token
+    prompt (BENCHMARKS.md). A refusal gives the smaller plan's numbers.
+    """
+    chunk = prefill_chunk(seq)
+    lean = 1 << max(0, (int8_matmul.MAX_KERNEL_M // batch).bit_length() - 1)  # a power of two: divides seq
+    try:
+        model.preflight(batch, seq, max_len, chunk)
+        return chunk
+    except kv_cache.MemoryPreflightError:
+        if not model.quant_group or batch * lean > int8_matmul.MAX_KERNEL_M or lean >= chunk:
+            raise
+    model.preflight(batch, seq, max_len, lean)
+    return lean
+
+
 def _prefill(module: Qwen, params, ids, prompt_len, ntk_alpha, cache, params_sampling, stops, max_new, buffer_len,
              mesh=None, rules=(), chunk: int | None = None) -> DecodeState:
     """ids [B, S] right-padded, prompt_len [B] -> DecodeState holding the first generated token.
@@ -254,10 +276,11 @@ def generate_tokens(model: QwenModel, prompts: Sequence[Sequence[int]], gen: Gen
     stops = jnp.asarray(_stop_table([*stop_sequences, *gen.stop_words_ids]))
     ntk_alpha = jnp.asarray([config.ntk_alpha(n) for n in lengths], jnp.float32)
     max_new = jnp.asarray(gen.max_new_tokens, jnp.int32)
-    model.preflight(batch, seq, max_len, prefill_chunk(seq))
+    prefill_tokens = plan_prefill(model, batch, seq, max_len)
     cache = model.new_cache(batch, max_len)
     state = _prefill(model.module, model.params, jnp.asarray(ids), jnp.asarray(lengths, jnp.int32), ntk_alpha,
-                     cache, params_sampling, stops, max_new, bucket(gen.max_new_tokens), **model.placement)
+                     cache, params_sampling, stops, max_new, bucket(gen.max_new_tokens), **model.placement,
+                     chunk=prefill_tokens)
     limit = 0
     while True:
         limit = gen.max_new_tokens if chunk is None else limit + chunk

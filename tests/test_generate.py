@@ -191,6 +191,37 @@ def test_preflight_refuses_what_cannot_fit(loaded):
         preflight(model.config, 4, 64, 1024, model.dtype, free_bytes=sum(need.values()) + WORKSPACE_RESERVE - 1)
 
 
+def test_int8_prefill_falls_back_to_kernel_sized_chunks_when_256_token_chunks_do_not_fit(loaded, tiny_gptq_dir,
+                                                                                          monkeypatch):
+    """Past int8_matmul.MAX_KERNEL_M rows a prefill chunk dequantizes a layer; when the preflight refuses that plan
+    for int8 weights, chunks of 64 / batch rows (kernel only) are planned. Float weights have no such fallback, and
+    when neither plan fits the refusal gives the smaller plan's numbers."""
+    from qwen_jax import cache as kv_cache
+    from qwen_jax import decoding
+
+    int8_model, _ = qwen_jax.load(tiny_gptq_dir, dtype="float32")
+    batch, seq, slots = 2, 2048, 2560
+
+    def need(model, chunk):
+        return kv_cache.request_bytes_per_device(model.config, batch, seq, slots, model.dtype,
+                                                 quant_group=model.quant_group, prefill_chunk=chunk)
+
+    assert "prefill dequantized layer" in need(int8_model, 256)
+    assert "prefill dequantized layer" not in need(int8_model, 32)
+    lean = sum(need(int8_model, 32).values()) + kv_cache.WORKSPACE_RESERVE
+    assert sum(need(int8_model, 256).values()) + kv_cache.WORKSPACE_RESERVE > lean
+    preflight = kv_cache.preflight
+    monkeypatch.setattr(kv_cache, "preflight", lambda *a, **k: preflight(*a, **k, free_bytes=free))
+    free = lean
+    assert decoding.plan_prefill(int8_model, batch, seq, slots) == 32
+    float_need = sum(need(loaded[0], 256).values()) + kv_cache.WORKSPACE_RESERVE
+    with pytest.raises(kv_cache.MemoryPreflightError, match=f"needs {float_need / 2**30:.2f} GiB"):
+        decoding.plan_prefill(loaded[0], batch, seq, slots)
+    free = lean - 1
+    with pytest.raises(kv_cache.MemoryPreflightError, match=f"needs {lean / 2**30:.2f} GiB"):
+        decoding.plan_prefill(int8_model, batch, seq, slots)
+
+
 def test_chunked_prefill_generates_what_one_piece_does(loaded, monkeypatch):
     """Long prompts are prefilled in chunks (the first attends to itself, the rest over the cache); with chunks of
     128 tokens, ragged rows whose last tokens fall in different chunks generate what a one-piece prefill does."""
