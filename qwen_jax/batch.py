@@ -33,7 +33,8 @@ import numpy as np
 from qwen_jax import sampling
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.chat_format import DEFAULT_SYSTEM, build_chat_prompt, chat_stop_ids
-from qwen_jax.decoding import (GenerationConfig, _decode, _prefill, _stop_table, bucket, idle_state, insert_rows)
+from qwen_jax.decoding import (GenerationConfig, _decode, _prefill, _stop_table, bucket, idle_state, insert_rows,
+                               plan_prefill, prefill_chunk)
 
 PAD_ID = 151643  # <|endoftext|>: pads prefill rows; never attended
 SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
@@ -108,6 +109,16 @@ class Engine:
         self.max_len = bucket(max(bucket(self.max_prompt_len), self.max_prompt_len + gen.max_new_tokens))
         self.stops = jnp.asarray(_stop_table([*stop_sequences, *gen.stop_words_ids]))
         self.stats = EngineStats()
+        self.prefill_tokens: int | None = None  # prefill chunk when memory asks for kernel-sized ones (`preflight`)
+
+    def preflight(self) -> None:
+        """Refuse (cache.MemoryPreflightError) an engine whose slot cache and largest prefill group cannot fit
+        together, before anything is allocated; plan the prefill chunk (decoding.plan_prefill) for them."""
+        rows, seq = bucket_pow2(min(self.max_group, self.num_slots)), bucket(self.max_prompt_len)
+        resident = {f"engine KV cache ({self.num_slots} slots)":
+                    self.model.cache_bytes_per_device(self.num_slots, self.max_len)}
+        planned = plan_prefill(self.model, rows, seq, self.max_len, resident)
+        self.prefill_tokens = None if planned == prefill_chunk(seq) else planned
 
     # Per-request values as host arrays; one row per request.
     def _row_values(self, requests: Sequence[Request]) -> dict[str, np.ndarray]:
@@ -149,17 +160,20 @@ class Engine:
         cache = self.model.new_cache(rows, self.max_len)
         state = _prefill(self.model.module, self.model.params, jnp.asarray(ids), jnp.asarray(lengths), alpha, cache,
                          self._sampling(padded), self.stops, jnp.asarray(padded["max_new_tokens"], jnp.int32),
-                         self.buffer_len, **self.model.placement)
+                         self.buffer_len, **self.model.placement,
+                         chunk=None if self.prefill_tokens is None else min(self.prefill_tokens, seq))
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += rows * seq
         self.stats.prompt_tokens += int(sum(len(r.prompt) for r in group))
         return state, rows
 
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Yield one Result per request, in completion order. Requests are validated first (ValueError)."""
+        """Yield one Result per request, in completion order. Requests are validated first (ValueError), then the
+        engine's memory (`preflight`)."""
         waiting = sorted(requests, key=lambda r: -len(r.prompt))  # longest first: groups of similar length
         for r in waiting:
             self.validate(r)
+        self.preflight()
         waiting = collections.deque(waiting)
         num_slots, model = self.num_slots, self.model
         cache = model.new_cache(num_slots, self.max_len)

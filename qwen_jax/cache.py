@@ -104,6 +104,19 @@ class MemoryPreflightError(MemoryError):
 WORKSPACE_RESERVE = 2**30
 
 
+def _split(config: QwenConfig, batch: int, max_len: int, kv_dtype, mesh, rules) -> int:
+    """Into how many shards the mesh splits a cache's (row, head) pairs: the request's arrays shrink alike."""
+    if mesh is None:
+        return 1
+    shape, _, axes = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
+    shard = sharding_lib.named_sharding(mesh, rules, axes).shard_shape(shape)
+    return max(1, (batch * config.num_attention_heads) // (shard[axes.index("batch")] * shard[axes.index("kv_heads")]))
+
+
+def cache_bytes_per_device(config: QwenConfig, batch: int, max_len: int, kv_dtype, mesh=None, rules=()) -> int:
+    return cache_bytes(config, batch, max_len, kv_dtype) // _split(config, batch, max_len, kv_dtype, mesh, rules)
+
+
 def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dtype, mesh=None,
                              rules=(), quant_group: int | None = None, kv_dtype=None,
                              prefill_chunk: int | None = None) -> dict[str, int]:
@@ -120,13 +133,8 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
         one elementwise pass that writes it).
     """
     kv_dtype = dtype if kv_dtype is None else kv_dtype
-    shape, key_dtype, axes = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
-    split, devices = 1, 1
-    if mesh is not None:
-        devices = mesh.size
-        shard = sharding_lib.named_sharding(mesh, rules, axes).shard_shape(shape)
-        batch_axis, heads_axis = axes.index("batch"), axes.index("kv_heads")
-        split = max(1, (batch * config.num_attention_heads) // (shard[batch_axis] * shard[heads_axis]))
+    shape, key_dtype, _ = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
+    split, devices = _split(config, batch, max_len, kv_dtype, mesh, rules), 1 if mesh is None else mesh.size
     itemsize = jnp.dtype(dtype).itemsize
     chunk = min(prefill_chunk or prompt_len, prompt_len)
     need = {"KV cache": cache_bytes(config, batch, max_len, kv_dtype) // split}
@@ -153,10 +161,12 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
 
 def preflight(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dtype, mesh=None, rules=(),
               quant_group: int | None = None, kv_dtype=None, prefill_chunk: int | None = None,
-              free_bytes: int | None = None) -> None:
+              resident: dict[str, int] | None = None, free_bytes: int | None = None) -> None:
     """Refuse a request that cannot fit, with the numbers, instead of an out-of-memory error from XLA.
 
-    `free_bytes` defaults to the first device's limit minus its use, where the backend reports them (GPUs/TPUs).
+    `resident`: named bytes per device that must stay allocated beside the request (not yet allocated either),
+    e.g. the batch engine's own cache. `free_bytes` defaults to the first device's limit minus its use, where the
+    backend reports them (GPUs/TPUs).
     """
     if free_bytes is None:
         device = jax.local_devices()[0] if mesh is None else next(
@@ -167,6 +177,7 @@ def preflight(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dty
         free_bytes = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     need = request_bytes_per_device(config, batch, prompt_len, max_len, dtype, mesh, rules, quant_group, kv_dtype,
                                     prefill_chunk)
+    need.update(resident or {})
     need["XLA workspace reserve"] = WORKSPACE_RESERVE
     if sum(need.values()) > free_bytes:
         parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items())

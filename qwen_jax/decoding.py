@@ -158,8 +158,9 @@ def prefill_chunk(seq: int) -> int:
     return seq if seq <= LINEAR_BUCKET else PREFILL_CHUNK
 
 
-def plan_prefill(model: QwenModel, batch: int, seq: int, max_len: int) -> int:
-    """The prefill chunk for a request, after the memory preflight (cache.MemoryPreflightError if nothing fits).
+def plan_prefill(model: QwenModel, batch: int, seq: int, max_len: int, resident: dict[str, int] | None = None) -> int:
+    """The prefill chunk for a request, after the memory preflight (cache.MemoryPreflightError if nothing fits);
+    `resident`: bytes that stay allocated beside it (QwenModel.preflight).
 
     `prefill_chunk(seq)` first. If that does not fit and the weights are int8, chunks of at most
     int8_matmul.MAX_KERNEL_M rows in all: every matmul then runs the int8 kernel, which needs no dequantized copy
@@ -169,12 +170,12 @@ def plan_prefill(model: QwenModel, batch: int, seq: int, max_len: int) -> int:
     chunk = prefill_chunk(seq)
     lean = 1 << max(0, (int8_matmul.MAX_KERNEL_M // batch).bit_length() - 1)  # a power of two: divides seq
     try:
-        model.preflight(batch, seq, max_len, chunk)
+        model.preflight(batch, seq, max_len, chunk, resident)
         return chunk
     except kv_cache.MemoryPreflightError:
         if not model.quant_group or batch * lean > int8_matmul.MAX_KERNEL_M or lean >= chunk:
             raise
-    model.preflight(batch, seq, max_len, lean)
+    model.preflight(batch, seq, max_len, lean, resident)
     return lean
 
 

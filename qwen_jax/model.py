@@ -372,10 +372,16 @@ class QwenModel:
         """An empty KV cache for `batch` rows of `max_len` slots, placed like the model."""
         return kv_cache.init_cache(self.config, batch, max_len, self.kv_dtype or self.dtype, **self.placement)
 
-    def preflight(self, batch: int, prompt_len: int, max_len: int, prefill_chunk: int | None = None) -> None:
-        """Raise cache.MemoryPreflightError, with the numbers, if a request of this size cannot fit in memory."""
+    def preflight(self, batch: int, prompt_len: int, max_len: int, prefill_chunk: int | None = None,
+                  resident: dict[str, int] | None = None) -> None:
+        """Raise cache.MemoryPreflightError, with the numbers, if a request of this size cannot fit in memory
+        (beside `resident` bytes, see cache.preflight)."""
         kv_cache.preflight(self.config, batch, prompt_len, max_len, self.dtype, quant_group=self.quant_group,
-                           kv_dtype=self.kv_dtype, prefill_chunk=prefill_chunk, **self.placement)
+                           kv_dtype=self.kv_dtype, prefill_chunk=prefill_chunk, resident=resident, **self.placement)
+
+    def cache_bytes_per_device(self, batch: int, max_len: int) -> int:
+        return kv_cache.cache_bytes_per_device(self.config, batch, max_len, self.kv_dtype or self.dtype,
+                                               **self.placement)
 
     def logits(self, input_ids) -> jax.Array:
         """input_ids [batch, seq] int -> float32 logits [batch, seq, vocab_size] (full forward, no cache).
