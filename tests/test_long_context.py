@@ -50,13 +50,14 @@ def test_attend_with_int8_keys_and_values_equals_attention_over_their_dequantize
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8], ids=["bf16", "int8"])
-def test_write_then_read_round_trips_at_each_rows_start_and_leaves_other_slots(loaded, rng, dtype):
+@pytest.mark.parametrize("start", [[0, 6], [7]], ids=["two-rows", "one-row"])
+def test_write_then_read_round_trips_at_each_rows_start_and_leaves_other_slots(loaded, rng, dtype, start):
     """k/v go in as the model makes them, [B, S, H, hd], and come out in the cache's [B, H, T, hd] at slots
     start[b] … start[b] + S - 1; bf16 exactly, int8 within half a step of its scale; every other slot, and the
-    other layers, keep what they held."""
+    other layers, keep what they held (one row: up to the last slot)."""
     config = loaded[0].config.replace(num_hidden_layers=3)
-    b, s, t, h, hd = 2, 3, 10, config.num_attention_heads, config.head_dim
-    start = np.array([0, 6])
+    start = np.array(start)
+    b, s, t, h, hd = len(start), 3, 10, config.num_attention_heads, config.head_dim
     # stale values everywhere, so that a write to a wrong slot shows
     cache = {name: jnp.asarray(rng.normal(size=a.shape) * 50, a.dtype)
              for name, a in kv_cache.init_cache(config, b, t, dtype).items()}

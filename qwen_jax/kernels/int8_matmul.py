@@ -18,7 +18,7 @@ groups and are walked in FLOAT_GROUP rows. Per group it forms x[:, g] @ w[g, :] 
 (exact for int8: |q| ≤ 128) and, for int8, multiplies that [block_m, block_n] partial product by the group's
 scales row. That is exact algebra and costs M×N multiplies per group instead of dequantizing g×N weights.
 The per-group product takes one of two forms (`Config.form`):
-  "xw":  dot(x, q)         tensor cores (x padded to block_m ≥ 16 rows)
+  "xw":  dot(x, q)         tensor cores (x read as block_m ≥ 16 rows, missing rows as zeros)
   "fma": Σ_k x[:, k] q[k]  no tensor cores, for block_m ≤ 4 rows
 (A third form, dot(qᵀ, xᵀ)ᵀ with the weight as the A operand, was slower than "xw" at all four 72B shapes on the
 H100 at M = 16, by 5–40%, and was dropped.)
@@ -82,12 +82,21 @@ def _load_weight(w_ref, layer, rows):
     return plgpu.load(w_ref.at[layer, rows, :], eviction_policy="evict_first")
 
 
-def _fma_group(x_ref, w_ref, layer, start, group):
+def _load_x(x_ref, cols, block_m: int):
+    """x[:, cols] as [block_m, ·]: an x of fewer rows (M < block_m, the whole of a decode step's M) is read with
+    its missing rows masked to zero, in place of an XLA pad of x before the call (one kernel per linear)."""
+    if x_ref.shape[0] == block_m:
+        return x_ref[:, cols]
+    rows_ok = jnp.arange(block_m) < x_ref.shape[0]
+    return plgpu.load(x_ref.at[pl.ds(0, block_m), cols], mask=rows_ok[:, None], other=0)
+
+
+def _fma_group(x_ref, w_ref, layer, start, group, block_m):
     """Σ_k x[:, k] w[k, :] over rows [start, start + group) without tensor cores -> [bm, bn] float32."""
     part = None
     for c in range(0, group, _FMA_ROWS):
         rows = pl.ds(pl.multiple_of(start + c, _FMA_ROWS), _FMA_ROWS)
-        x = x_ref[:, rows].astype(jnp.float32)  # [bm, 32]
+        x = _load_x(x_ref, rows, block_m).astype(jnp.float32)  # [bm, 32]
         w = _load_weight(w_ref, layer, rows).astype(jnp.float32)  # [32, bn]
         term = jnp.sum(x[:, :, None] * w[None, :, :], axis=1)
         part = term if part is None else part + term
@@ -95,8 +104,8 @@ def _fma_group(x_ref, w_ref, layer, start, group):
 
 
 def _kernel(layer_ref, x_ref, w_ref, *refs, cfg: Config, group: int, steps: int):
-    """layer_ref [1] int32; x_ref [bm, Ks]; w_ref [L, Ks, bn]; refs: (s_ref [L, Ks // g, bn], o_ref [bm, bn]) for
-    int8 weights, (o_ref,) for float weights."""
+    """layer_ref [1] int32; x_ref [bm, Ks] (or [M, Ks], M < bm); w_ref [L, Ks, bn]; refs: (s_ref [L, Ks // g, bn],
+    o_ref [bm, bn]) for int8 weights, (o_ref,) for float weights."""
     s_ref, o_ref = refs if len(refs) == 2 else (None, *refs)
     layer = layer_ref[0]
     f32 = jnp.float32
@@ -106,10 +115,10 @@ def _kernel(layer_ref, x_ref, w_ref, *refs, cfg: Config, group: int, steps: int)
             grp = i * cfg.groups_per_step + j
             s = None if s_ref is None else s_ref[layer, grp, :].astype(f32)  # [bn]
             if cfg.form == "fma":
-                part = _fma_group(x_ref, w_ref, layer, grp * group, group)
+                part = _fma_group(x_ref, w_ref, layer, grp * group, group, cfg.block_m)
             else:
                 rows = pl.ds(pl.multiple_of(grp * group, group), group)
-                x = x_ref[:, rows]  # [bm, g]
+                x = _load_x(x_ref, rows, cfg.block_m)  # [bm, g]
                 w = _load_weight(w_ref, layer, rows).astype(x.dtype)  # [g, bn]
                 part = jnp.dot(x, w, preferred_element_type=f32)
             acc += part if s is None else part * s[None, :]
@@ -120,9 +129,10 @@ def _kernel(layer_ref, x_ref, w_ref, *refs, cfg: Config, group: int, steps: int)
 
 
 def _pallas_matmul(x, w, s, layer, group: int, cfg: Config, out_dtype, interpret: bool):
-    """x [Mp, K], w [L, K, N] (int8 with s [L, K // g, N], or float with s None), layer [1] int32
-    -> [Mp, N] out_dtype (Mp % block_m == 0)."""
-    mp, k = x.shape
+    """x [M, K], w [L, K, N] (int8 with s [L, K // g, N], or float with s None), layer [1] int32
+    -> [Mp, N] out_dtype, Mp = M rounded up to whole block_m tiles (M % block_m == 0 or M < block_m)."""
+    m, k = x.shape
+    mp = pl.cdiv(m, cfg.block_m) * cfg.block_m
     n_layers, _, n = w.shape
     cfg.check(mp, k, n, group)
     bm, bn, splits = cfg.block_m, cfg.block_n, cfg.k_splits
@@ -131,7 +141,7 @@ def _pallas_matmul(x, w, s, layer, group: int, cfg: Config, out_dtype, interpret
     operands = [layer, x, w]
     in_specs = [
         pl.BlockSpec((1,), lambda j, i, h: (0,)),
-        pl.BlockSpec((bm, k_split), lambda j, i, h: (i, h)),
+        pl.BlockSpec((min(bm, m), k_split), lambda j, i, h: (i, h)),
         pl.BlockSpec((n_layers, k_split, bn), lambda j, i, h: (0, h, j)),
     ]
     if s is not None:
@@ -274,7 +284,7 @@ def matmul(x: jax.Array, weight: jax.Array, scales: jax.Array | None = None, *, 
         return _xla_dot(x2, w3, s3, layer, out_dtype).reshape(*lead, *n_shape)
     cfg = config or default_config(m, k, n, group, jnp.dtype(w3.dtype).itemsize)
     m_padded = pl.cdiv(m, cfg.block_m) * cfg.block_m
-    if m_padded != m:
+    if m_padded != m and m > cfg.block_m:  # several row tiles; a single partial one is masked in the kernel
         x2 = jnp.pad(x2, ((0, m_padded - m), (0, 0)))
     y = _pallas_matmul(x2, w3, s3, layer, group, cfg, out_dtype, interpret)
     return y[:m].reshape(*lead, *n_shape)
