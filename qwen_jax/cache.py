@@ -104,7 +104,7 @@ class MemoryPreflightError(MemoryError):
 WORKSPACE_RESERVE = 2**30
 
 
-def _split(config: QwenConfig, batch: int, max_len: int, kv_dtype, mesh, rules) -> int:
+def _cache_shards(config: QwenConfig, batch: int, max_len: int, kv_dtype, mesh, rules) -> int:
     """Into how many shards the mesh splits a cache's (row, head) pairs: the request's arrays shrink alike."""
     if mesh is None:
         return 1
@@ -114,7 +114,8 @@ def _split(config: QwenConfig, batch: int, max_len: int, kv_dtype, mesh, rules) 
 
 
 def cache_bytes_per_device(config: QwenConfig, batch: int, max_len: int, kv_dtype, mesh=None, rules=()) -> int:
-    return cache_bytes(config, batch, max_len, kv_dtype) // _split(config, batch, max_len, kv_dtype, mesh, rules)
+    shards = _cache_shards(config, batch, max_len, kv_dtype, mesh, rules)
+    return cache_bytes(config, batch, max_len, kv_dtype) // shards
 
 
 def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, max_len: int, dtype, mesh=None,
@@ -134,7 +135,7 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
     """
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     shape, key_dtype, _ = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
-    split, devices = _split(config, batch, max_len, kv_dtype, mesh, rules), 1 if mesh is None else mesh.size
+    split, devices = _cache_shards(config, batch, max_len, kv_dtype, mesh, rules), 1 if mesh is None else mesh.size
     itemsize = jnp.dtype(dtype).itemsize
     chunk = min(prefill_chunk or prompt_len, prompt_len)
     need = {"KV cache": cache_bytes(config, batch, max_len, kv_dtype) // split}
