@@ -37,10 +37,10 @@ def matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None, layer: ja
 
     `weight` holds either {"kernel"} (float) or {"qvalue", "scales"} (int8). With `layer`, the arrays are stacks
     [L, …] of all layers and layer `layer` is used. On a GPU the fused kernel takes every weight whose shape it
-    supports (`_kernel_operands` says why float weights too), everything else goes to `reference_matmul`.
+    supports (`kernel_operands` says why float weights too), everything else goes to `reference_matmul`.
     """
-    operands = _kernel_operands(weight, layer)
-    if operands and _kernel_applies(x, operands, layer):
+    operands = kernel_operands(weight)
+    if _kernel_applies(x, operands, layer):
         return int8_matmul.matmul(x, *operands, layer=layer, out_dtype=out_dtype or x.dtype)
     return reference_matmul(x, weight, out_dtype, layer)
 
@@ -70,7 +70,7 @@ def at_layer(stack: jax.Array, layer: jax.Array | None) -> jax.Array:
     return stack if layer is None else jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False)
 
 
-def _kernel_operands(weight, layer) -> tuple[jax.Array, ...]:
+def kernel_operands(weight: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
     """The fused kernel's weight operands: (qvalue, scales) or (kernel,).
 
     Float weights go to the kernel as well: a stacked one because XLA would copy the layer's slice before its dot;

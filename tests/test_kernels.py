@@ -30,11 +30,6 @@ def _weight(kind, seed, layers=None):
     return {"qvalue": q, "scales": s}
 
 
-def _operands(weight):
-    """The kernel's weight arguments: (qvalue, scales) or (kernel,)."""
-    return (weight["qvalue"], weight["scales"]) if "qvalue" in weight else (weight["kernel"],)
-
-
 def _layer(weight, i):
     return {name: a[i] for name, a in weight.items()}
 
@@ -70,7 +65,7 @@ def test_kernel_matches_xla_reference(cfg, kind):
     weight = _weight(kind, 0)
     lead = (3,) if cfg.block_m <= 4 else (2, 9)  # M = 3 pads to 4 (fma); M = 18 pads to two 16-row tiles
     x = _x(1, lead)
-    y = km.matmul(x, *_operands(weight), config=cfg, interpret=True)
+    y = km.matmul(x, *quant.kernel_operands(weight), config=cfg, interpret=True)
     ref = quant.reference_matmul(x, weight)
     assert y.shape == ref.shape == (*lead, *N_SHAPE) and y.dtype == jnp.bfloat16
     # x and the weights are exact in float32 products, so both paths differ from float64 by their bf16 output
@@ -88,7 +83,7 @@ def test_stacked_layers_in_place_under_fori_loop(kind):
 
     def layer_sum(x, weight):
         def body(i, acc):
-            return acc + km.matmul(x, *_operands(weight), layer=i, out_dtype=jnp.float32,
+            return acc + km.matmul(x, *quant.kernel_operands(weight), layer=i, out_dtype=jnp.float32,
                                    config=km.Config(16, 64, 2, 2), interpret=True)
         return jax.lax.fori_loop(0, layers, body, jnp.zeros((5, *N_SHAPE), jnp.float32))
 
@@ -113,9 +108,9 @@ def test_default_config_and_large_m_fallback(kind):
     weight = _weight(kind, 4)
     for lead in [(1,), (40,)]:
         x = _x(5, lead)
-        assert _rel_err(km.matmul(x, *_operands(weight), interpret=True), _float64_ref(x, weight)) < 4e-3
+        assert _rel_err(km.matmul(x, *quant.kernel_operands(weight), interpret=True), _float64_ref(x, weight)) < 4e-3
     x = _x(6, (2, 100))  # M = 200 > MAX_KERNEL_M: (dequantize +) XLA dot
-    assert _rel_err(km.matmul(x, *_operands(weight)), quant.reference_matmul(x, weight)) < 1e-6
+    assert _rel_err(km.matmul(x, *quant.kernel_operands(weight)), quant.reference_matmul(x, weight)) < 1e-6
 
 
 @pytest.mark.parametrize("weight_itemsize", [1, 2])
@@ -134,13 +129,13 @@ def test_only_an_int8_stack_of_2_to_4_gib_is_read_through_a_slice(kind):
         [("qvalue", 8192, jnp.int8), ("scales", 64, jnp.float16)] if kind == "int8"
         else [("kernel", 8192, jnp.bfloat16)])}
     x = jax.ShapeDtypeStruct((1, 8192), jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(lambda x, w: km.matmul(x, *_operands(w), layer=jnp.int32(2)))(x, weight)
+    jaxpr = jax.make_jaxpr(lambda x, w: km.matmul(x, *quant.kernel_operands(w), layer=jnp.int32(2)))(x, weight)
     [call] = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
     assert call.invars[2].aval.shape == ((1 if kind == "int8" else 3), 8192, n)  # one layer, or the stack
 
 
 def test_supported_predicate():
-    q, s = _operands(_weight("int8", 7))
+    q, s = quant.kernel_operands(_weight("int8", 7))
     w = _weight("bfloat16", 7)["kernel"]
     x = _x(8, (1,))
     on_gpu = jax.default_backend() == "gpu"

@@ -10,7 +10,7 @@ converts in registers and accumulates in float32; it never writes a dequantized 
 Float weights (bf16/f16) come here for the in-place `layer` below: XLA copies a dynamically indexed layer out
 of its stack before cuBLAS reads it (a dynamic slice is not fused into a GEMM operand), so every bf16 weight byte
 moved about three times (BENCHMARKS.md, "72b × 8 layers, bf16"); and unstacked (the lm_head) to keep XLA's GEMM
-autotuner from allocating a test copy of the weight (qwen_jax.quant._kernel_operands).
+autotuner from allocating a test copy of the weight (qwen_jax.quant.kernel_operands).
 
 One program owns a [block_m, block_n] output tile and one of `k_splits` contiguous K ranges. It walks its range
 `groups_per_step` groups of g rows per loop step: for int8 g is the quantization group; float weights have no
