@@ -81,7 +81,7 @@ def streamed_bytes(model: QwenModel, batch: int, context: int) -> int:
     """Bytes one decode step must read: every parameter but the embedding table (one row per token), + KV cache."""
     weights = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(model.params)
                   if path[0].key != "wte")
-    return weights + cache_bytes(model.config, batch, context, model.kv_dtype or model.dtype)
+    return weights + cache_bytes(model.config, batch, context, model.cache_dtype)
 
 
 def peak_memory_gib() -> float | None:

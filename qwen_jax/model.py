@@ -364,24 +364,28 @@ class QwenModel:
         return dataclasses.replace(self, params=params, host_embedding=HostEmbedding(table))
 
     @property
+    def cache_dtype(self) -> Dtype:
+        """The KV cache's dtype: `kv_dtype`, else the model's."""
+        return self.dtype if self.kv_dtype is None else self.kv_dtype
+
+    @property
     def placement(self) -> dict:
         """Keyword arguments that put a jitted call under this model's mesh and rules."""
         return {"mesh": self.mesh, "rules": tuple(self.rules)}
 
     def new_cache(self, batch: int, max_len: int) -> kv_cache.Cache:
         """An empty KV cache for `batch` rows of `max_len` slots, placed like the model."""
-        return kv_cache.init_cache(self.config, batch, max_len, self.kv_dtype or self.dtype, **self.placement)
+        return kv_cache.init_cache(self.config, batch, max_len, self.cache_dtype, **self.placement)
 
     def preflight(self, batch: int, prompt_len: int, max_len: int, prefill_chunk: int | None = None,
                   resident: dict[str, int] | None = None) -> None:
         """Raise cache.MemoryPreflightError, with the numbers, if a request of this size cannot fit in memory
         (beside `resident` bytes, see cache.preflight)."""
         kv_cache.preflight(self.config, batch, prompt_len, max_len, self.dtype, quant_group=self.quant_group,
-                           kv_dtype=self.kv_dtype, prefill_chunk=prefill_chunk, resident=resident, **self.placement)
+                           kv_dtype=self.cache_dtype, prefill_chunk=prefill_chunk, resident=resident, **self.placement)
 
     def cache_bytes_per_device(self, batch: int, max_len: int) -> int:
-        return kv_cache.cache_bytes_per_device(self.config, batch, max_len, self.kv_dtype or self.dtype,
-                                               **self.placement)
+        return kv_cache.cache_bytes_per_device(self.config, batch, max_len, self.cache_dtype, **self.placement)
 
     def logits(self, input_ids) -> jax.Array:
         """input_ids [batch, seq] int -> float32 logits [batch, seq, vocab_size] (full forward, no cache).
