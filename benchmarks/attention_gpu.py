@@ -30,11 +30,9 @@ import numpy as np
 from benchmarks.timing import describe, median_seconds, rel_err
 from qwen_jax import attention
 from qwen_jax import cache as kv_cache
-from qwen_jax import sharding as sharding_lib
-from qwen_jax.bench import random_params
+from qwen_jax.bench import random_model
 from qwen_jax.config import preset
 from qwen_jax.kernels import cache_attention
-from qwen_jax.model import QwenModel
 
 HEADS, HEAD_DIM = 64, 128
 
@@ -119,9 +117,7 @@ def cache_case(layers, batch, seq, slots, kind, seed=5):
 
 def model_checks(failures: list, preset_name: str, group: int) -> None:
     config = preset(preset_name).replace(num_hidden_layers=2)
-    mesh = sharding_lib.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
-    params = random_params(config, jnp.bfloat16, group, mesh, ())
-    model = QwenModel(config, params, jnp.bfloat16, group, mesh=mesh, rules=())
+    model = random_model(config, group)
     batch, prompt, total = 2, 64, 72
     seqs = jnp.asarray(np.random.default_rng(0).integers(0, 151643, (batch, total)), jnp.int32)
     alpha = jnp.ones(batch, jnp.float32)

@@ -19,11 +19,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from qwen_jax import sharding as sharding_lib
-from qwen_jax.bench import random_params
+from qwen_jax.bench import random_model
 from qwen_jax.config import preset
 from qwen_jax.decoding import GenerationConfig, generate_tokens
-from qwen_jax.model import QwenModel
 
 
 def kernel_times(trace_dir: pathlib.Path) -> dict[str, tuple[int, float]]:
@@ -52,9 +50,7 @@ def main() -> int:
     config = preset(args.preset)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
-    mesh = sharding_lib.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
-    model = QwenModel(config, random_params(config, jnp.bfloat16, 128, mesh, ()), jnp.bfloat16, 128, mesh=mesh,
-                      rules=(), kv_dtype=jnp.int8 if args.kv_dtype == "int8" else jnp.bfloat16)
+    model = random_model(config, 128, kv_dtype=jnp.int8 if args.kv_dtype == "int8" else jnp.bfloat16)
     gen = GenerationConfig.resolve({}, max_new_tokens=args.steps + 1, do_sample=False, repetition_penalty=1.0)
     prompt = [[1, 2, 3, 4]]
     list(generate_tokens(model, prompt, gen))  # compile

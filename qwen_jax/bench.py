@@ -77,6 +77,13 @@ def random_params(config: QwenConfig, dtype, quant_group: int | None, mesh, rule
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def random_model(config: QwenConfig, quant_group: int | None, kv_dtype=None) -> QwenModel:
+    """A bfloat16 model of `random_params` on the first device (int8 linears with groups of `quant_group`)."""
+    mesh = sharding_lib.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
+    params = random_params(config, jnp.bfloat16, quant_group, mesh, ())
+    return QwenModel(config, params, jnp.bfloat16, quant_group, mesh=mesh, rules=(), kv_dtype=kv_dtype)
+
+
 def streamed_bytes(model: QwenModel, batch: int, context: int) -> int:
     """Bytes one decode step must read: every parameter but the embedding table (one row per token), + KV cache."""
     weights = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(model.params)
@@ -104,6 +111,10 @@ class Result:
     peak_gib: float | None
     note: str = ""  # why a run has no figures (refused by the preflight, out of memory)
 
+    @classmethod
+    def unmeasured(cls, label: str, batch: int, context: int, new_tokens: int, note: str) -> "Result":
+        return cls(label, batch, context, new_tokens, *[float("nan")] * 5, None, note)
+
 
 def run_model(model: QwenModel, batch: int, context: int, new_tokens: int, copy_gbps: float, label: str,
               reps: int = 2) -> Result:
@@ -122,12 +133,12 @@ def run_model(model: QwenModel, batch: int, context: int, new_tokens: int, copy_
     try:
         timed(1), timed(new_tokens)  # compile prefill and decode for both buffer sizes
     except MemoryPreflightError as e:
-        return Result(label, batch, context, new_tokens, *[float("nan")] * 5, None, f"refused by the preflight: {e}")
+        return Result.unmeasured(label, batch, context, new_tokens, f"refused by the preflight: {e}")
     except Exception as e:  # XLA's out-of-memory error has no type of its own
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return Result(label, batch, context, new_tokens, *[float("nan")] * 5, None,
-                      "out of device memory: " + str(e).splitlines()[0][:300])
+        return Result.unmeasured(label, batch, context, new_tokens,
+                                 "out of device memory: " + str(e).splitlines()[0][:300])
     prefill = min(timed(1) for _ in range(3))
     total = min(timed(new_tokens) for _ in range(reps))
     decode_s = (total - prefill) / (new_tokens - 1)
@@ -230,15 +241,12 @@ def main(argv=None) -> int:
                 bf16_bytes = 2 * (config.num_params - config.vocab_size * config.hidden_size)
                 moved = bf16_bytes + cache_bytes(config, batch, context + args.new_tokens // 2, jnp.bfloat16)
                 hf_results.append((HF_MODES[mode], batch, context, hf, moved))
-    mesh = sharding_lib.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
     copy_gbps = copy_bandwidth(4.0 if jax.default_backend() == "gpu" else 0.25)
     start = time.perf_counter()
-    params = random_params(config, jnp.bfloat16, quant_group, mesh, ())
-    jax.block_until_ready(params)
+    model = random_model(config, quant_group)
+    jax.block_until_ready(model.params)
     print(f"[bench] {config.num_hidden_layers}-layer {args.preset} ({args.weights}) placed in "
           f"{time.perf_counter() - start:.1f} s; copy bandwidth {copy_gbps:.0f} GB/s", file=sys.stderr)
-    model = QwenModel(config, params, jnp.bfloat16, quant_group, mesh=mesh, rules=())
-    del params
     results = []
     for embedding in sorted(set(args.embedding)):  # "device" < "host": moving the table to the host is one-way
         if embedding == "host":
@@ -253,8 +261,7 @@ def main(argv=None) -> int:
     del model, kv_model
     for label, batch, context, hf, moved in hf_results:
         if "error" in hf:
-            results.append(Result(label, batch, context, args.new_tokens, *[float("nan")] * 5, None,
-                                  f"failed: {hf['error']}"))
+            results.append(Result.unmeasured(label, batch, context, args.new_tokens, f"failed: {hf['error']}"))
             continue
         gbps = moved * hf["tokens_per_s"] / batch / 1e9
         results.append(Result(label, batch, context, args.new_tokens, hf["prefill_ms"], hf["tokens_per_s"],
