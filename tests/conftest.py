@@ -83,3 +83,28 @@ def autogptq():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"the AutoGPTQ oracle is required in CI: {e}")
         pytest.skip(f"the AutoGPTQ oracle is unavailable: {e}")
+
+
+@pytest.fixture
+def device_memory(monkeypatch):
+    """Set `.free` (bytes) to make the memory preflight see that much free device memory: the CPU backend reports
+    none, so without this nothing is ever refused. `.free = None` reads the device again."""
+    import types
+
+    from qwen_jax import cache as kv_cache
+
+    memory = types.SimpleNamespace(free=None)
+    preflight = kv_cache.preflight
+    monkeypatch.setattr(kv_cache, "preflight", lambda *a, **k: preflight(*a, **k, free_bytes=memory.free))
+    return memory
+
+
+@pytest.fixture
+def prefill_calls(monkeypatch):
+    """The [B, C] shapes of the ids of every prefill chunk run from here on, in order."""
+    from qwen_jax import decoding
+
+    calls = []
+    original = decoding._prefill_chunk
+    monkeypatch.setattr(decoding, "_prefill_chunk", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
+    return calls

@@ -205,7 +205,7 @@ def test_sigkill_midway_then_resume_is_exactly_once(loaded, tiny_dir, tmp_path, 
     assert {r["id"]: r for r in rows} == {r["id"]: r for r in _read_jsonl(ref)}
 
 
-def test_engine_preflight_counts_its_slot_cache_beside_the_largest_prefill_group(loaded, monkeypatch):
+def test_engine_preflight_counts_its_slot_cache_beside_the_largest_prefill_group(loaded, device_memory):
     """The engine holds its slot cache while a prefill group (max_group rows at the longest bucketed prompt) builds
     its own: both must fit before anything is allocated; one byte short, `run` refuses with the slot cache named."""
     from qwen_jax import cache as kv_cache
@@ -216,21 +216,19 @@ def test_engine_preflight_counts_its_slot_cache_beside_the_largest_prefill_group
     group = kv_cache.request_bytes_per_device(model.config, 2, 64, engine.max_len, model.dtype)
     slots = kv_cache.cache_bytes(model.config, 4, engine.max_len, model.dtype)
     fits = sum(group.values()) + slots + kv_cache.WORKSPACE_RESERVE
-    preflight = kv_cache.preflight
-    monkeypatch.setattr(kv_cache, "preflight", lambda *a, **k: preflight(*a, **k, free_bytes=free))
-    free = fits
+    device_memory.free = fits
     engine.preflight()
     assert engine.prefill_tokens is None  # float weights: one-piece prefills as without a preflight
-    free = fits - 1
+    device_memory.free = fits - 1
     with pytest.raises(kv_cache.MemoryPreflightError, match=rf"engine KV cache \(4 slots\) {slots / 2**30:.2f} GiB"):
         list(engine.run([batch_lib.Request(0, tok.encode("hello"), 0)]))
 
 
-def test_engine_with_int8_weights_prefills_in_kernel_sized_chunks_when_memory_asks(tiny_gptq_dir, monkeypatch):
+def test_engine_with_int8_weights_prefills_in_kernel_sized_chunks_when_memory_asks(tiny_gptq_dir, device_memory,
+                                                                                    prefill_calls):
     """When only kernel-sized chunks fit (decoding.plan_prefill), 64-token prompt buckets are prefilled 32 tokens
     at a time (2 rows × 32 = int8_matmul.MAX_KERNEL_M), and every request gets the tokens of a one-piece prefill."""
     from qwen_jax import cache as kv_cache
-    from qwen_jax import decoding
 
     model, tok = qwen_jax.load(tiny_gptq_dir, dtype="float32")
     gen = GenerationConfig.resolve(model.generation_config, max_new_tokens=5, do_sample=False)
@@ -244,12 +242,9 @@ def test_engine_with_int8_weights_prefills_in_kernel_sized_chunks_when_memory_as
     one_piece, want = run()
     need = kv_cache.request_bytes_per_device(model.config, 2, 64, 64, model.dtype, quant_group=model.quant_group,
                                              prefill_chunk=32)
-    free = sum(need.values()) + kv_cache.cache_bytes(model.config, 2, 64, model.dtype) + kv_cache.WORKSPACE_RESERVE
-    preflight = kv_cache.preflight
-    monkeypatch.setattr(kv_cache, "preflight", lambda *a, **k: preflight(*a, **k, free_bytes=free))
-    calls = []
-    original = decoding._prefill_chunk
-    monkeypatch.setattr(decoding, "_prefill_chunk", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
+    device_memory.free = (sum(need.values()) + kv_cache.cache_bytes(model.config, 2, 64, model.dtype)
+                          + kv_cache.WORKSPACE_RESERVE)
+    prefill_calls.clear()  # the one-piece run's
     chunked, got = run()
-    assert (one_piece, chunked) == (None, 32) and (2, 32) in calls and (2, 64) not in calls
+    assert (one_piece, chunked) == (None, 32) and (2, 32) in prefill_calls and (2, 64) not in prefill_calls
     assert got == want

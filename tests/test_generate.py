@@ -192,7 +192,7 @@ def test_preflight_refuses_what_cannot_fit(loaded):
 
 
 def test_int8_prefill_falls_back_to_kernel_sized_chunks_when_256_token_chunks_do_not_fit(loaded, tiny_gptq_dir,
-                                                                                          monkeypatch):
+                                                                                          device_memory):
     """Past int8_matmul.MAX_KERNEL_M rows a prefill chunk dequantizes a layer; when the preflight refuses that plan
     for int8 weights, chunks of 64 / batch rows (kernel only) are planned. Float weights have no such fallback, and
     when neither plan fits the refusal gives the smaller plan's numbers."""
@@ -210,19 +210,17 @@ def test_int8_prefill_falls_back_to_kernel_sized_chunks_when_256_token_chunks_do
     assert "prefill dequantized layer" not in need(int8_model, 32)
     lean = sum(need(int8_model, 32).values()) + kv_cache.WORKSPACE_RESERVE
     assert sum(need(int8_model, 256).values()) + kv_cache.WORKSPACE_RESERVE > lean
-    preflight = kv_cache.preflight
-    monkeypatch.setattr(kv_cache, "preflight", lambda *a, **k: preflight(*a, **k, free_bytes=free))
-    free = lean
+    device_memory.free = lean
     assert decoding.plan_prefill(int8_model, batch, seq, slots) == 32
     float_need = sum(need(loaded[0], 256).values()) + kv_cache.WORKSPACE_RESERVE
     with pytest.raises(kv_cache.MemoryPreflightError, match=f"needs {float_need / 2**30:.2f} GiB"):
         decoding.plan_prefill(loaded[0], batch, seq, slots)
-    free = lean - 1
+    device_memory.free = lean - 1
     with pytest.raises(kv_cache.MemoryPreflightError, match=f"needs {lean / 2**30:.2f} GiB"):
         decoding.plan_prefill(int8_model, batch, seq, slots)
 
 
-def test_chunked_prefill_generates_what_one_piece_does(loaded, monkeypatch):
+def test_chunked_prefill_generates_what_one_piece_does(loaded, monkeypatch, prefill_calls):
     """Long prompts are prefilled in chunks (the first attends to itself, the rest over the cache); with chunks of
     128 tokens, ragged rows whose last tokens fall in different chunks generate what a one-piece prefill does."""
     from qwen_jax import decoding
@@ -232,12 +230,10 @@ def test_chunked_prefill_generates_what_one_piece_does(loaded, monkeypatch):
     prompts = [rng.integers(0, 151643, n).tolist() for n in (300, 100)]
     gen = GenerationConfig.resolve(model.generation_config, max_new_tokens=6, do_sample=False)
     whole = [r.tokens for r in list(generate_tokens(model, prompts, gen))[-1]]
-    calls = []
+    prefill_calls.clear()  # the one-piece run's
     monkeypatch.setattr(decoding, "LINEAR_BUCKET", 128)
     monkeypatch.setattr(decoding, "PREFILL_CHUNK", 128)
     monkeypatch.setattr(decoding, "BUCKET_STEP", 128)
-    original = decoding._prefill_chunk
-    monkeypatch.setattr(decoding, "_prefill_chunk", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
     chunked = [r.tokens for r in list(generate_tokens(model, prompts, gen))[-1]]
-    assert calls == [(2, 128)] * 3  # 300 tokens pad to 384
+    assert prefill_calls == [(2, 128)] * 3  # 300 tokens pad to 384
     assert chunked == whole
