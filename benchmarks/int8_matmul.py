@@ -8,7 +8,7 @@ bytes and % of the copy bandwidth for the kernel, the XLA path (qwen_jax.quant.r
 bf16 dot of the same shape (GB/s of its bf16 bytes), and each path's relative error against a float32 reference.
 `--sweep` first searches kernel configs per shape and M bucket (staged: tile and K split, then pipelining, then the
 other M buckets) within `--budget-s` seconds, uses the winners in the table and prints them as
-`int8_matmul._TUNED` entries; without it the kernel's own `default_config` picks.
+`int8_matmul._TUNED` entries for this device kind; without it the kernel's own `default_config` picks.
 
 `--float` times bf16 weights instead, stacked as the model holds them: the kernel reading layer i of the stack in
 place, against XLA's dot on the stack sliced by the same traced index (qwen_jax.quant.reference_matmul: what the
@@ -154,9 +154,11 @@ def _ok(k, n, cfg):
 
 
 def grid(k, n, bm, form, bns, splits, per_step, warps, stages=(3,), min_programs=100, max_programs=4096):
-    """Configs over these options whose tiles divide K×N and whose program count (N/bn × splits) is in range."""
-    cfgs = [km.Config(bm, bn, g, s, w, st, form)
-            for bn in bns for s in splits for g in per_step for w in warps for st in stages]
+    """Configs over these options (and the int8 conversions that suit the form: the compiler's, and the PTX one to
+    float32 for "fma" or to float16 for "xw") whose tiles divide K×N and whose program count is in range."""
+    converts = ("cvt", "asm") if form == "fma" else ("cvt", "asm16")
+    cfgs = [km.Config(bm, bn, g, s, w, st, form, c)
+            for bn in bns for s in splits for g in per_step for w in warps for st in stages for c in converts]
     return [c for c in cfgs if _ok(k, n, c) and min_programs <= n // c.block_n * c.k_splits <= max_programs]
 
 
@@ -191,16 +193,18 @@ def sweep(shape: Shape, prefill_m: int, deadline: float, forms: set[str], log: d
 
 
 def config_text(cfg) -> str:
-    return (f"{cfg.form} bm{cfg.block_m} bn{cfg.block_n} g{cfg.groups_per_step} s{cfg.k_splits} "
+    return (f"{cfg.form} {cfg.convert} bm{cfg.block_m} bn{cfg.block_n} g{cfg.groups_per_step} s{cfg.k_splits} "
             f"w{cfg.num_warps} st{cfg.num_stages}") if cfg else "XLA"
 
 
-def table(shape: Shape, name: str, ms, configs: dict, copy_gbs: float, bf16_weights: list) -> list[str]:
+def table(shape: Shape, name: str, ms, configs: dict, read_gbs: float, bf16_weights: list, compare_kind: str) -> list[str]:
     rows = []
     for m in ms:
         cfg = configs.get(m) or (km.default_config(m, shape.k, shape.n, GROUP) if m <= km.MAX_KERNEL_M else None)
+        other = km.default_config(m, shape.k, shape.n, GROUP, kind=compare_kind) if cfg else None
         x_sets = shape.sets(m)
         paths = {"kernel": (kernel_path(cfg), x_sets) if cfg else None,
+                 "other": (kernel_path(other), x_sets) if other and other != cfg else None,
                  "xla": (xla_path, x_sets),
                  "bf16": (bf16_path, [(x, w) for x, w in zip(shape.xs(m), bf16_weights)])}
         us, err = {}, {}
@@ -212,8 +216,12 @@ def table(shape: Shape, name: str, ms, configs: dict, copy_gbs: float, bf16_weig
             if label != "bf16":
                 err[label] = timing.rel_err(first, shape.ref(m))
         gbs = {p: (shape.bytes if p != "bf16" else 2 * shape.k * shape.n) / t / 1e3 for p, t in us.items()}
-        kern = (f"{us['kernel']:.1f} | {gbs['kernel']:.0f} | {100 * gbs['kernel'] / copy_gbs:.0f}% | "
+        kern = (f"{us['kernel']:.1f} | {gbs['kernel']:.0f} | {100 * gbs['kernel'] / read_gbs:.0f}% | "
                 f"{err['kernel']:.1e} | {us['xla'] / us['kernel']:.2f}×") if cfg else "— | — | — | — | —"
+        if "other" in us:
+            kern += f" | {config_text(other)}: {us['other']:.1f} ({us['other'] / us['kernel']:.2f}×, {err['other']:.1e})"
+        else:
+            kern += " | same config" if cfg else " | —"
         rows.append(f"| {name} {shape.k}×{shape.n} | {m} | {config_text(cfg)} | {kern} | {us['xla']:.1f} | "
                     f"{gbs['xla']:.0f} | {err['xla']:.1e} | {us['bf16']:.1f} | {gbs['bf16']:.0f} |")
         print(rows[-1], flush=True)
@@ -225,7 +233,7 @@ def ref_dot(x, w):
     return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def float_table(name: str, ms, copy_gbs: float) -> list[str]:
+def float_table(name: str, ms, read_gbs: float) -> list[str]:
     """Rows of the --float table for one 72B shape: kernel in place vs XLA's dot on the sliced stack / unstacked."""
     k, n = SHAPES[name]
     keys = jax.random.split(jax.random.key(len(name)), FLOAT_LAYERS)
@@ -242,7 +250,7 @@ def float_table(name: str, ms, copy_gbs: float) -> list[str]:
         for fn, sets in [(float_kernel_path, in_place), (float_xla_path, in_place),
                          (float_xla_path, list(zip(xs, unstacked)))]:
             seconds, first = timing.per_call_seconds(fn, sets, reps=10)
-            cells += [f"{seconds * 1e6:.1f}", f"{100 * 2 * k * n / seconds / 1e9 / copy_gbs:.0f}%",
+            cells += [f"{seconds * 1e6:.1f}", f"{100 * 2 * k * n / seconds / 1e9 / read_gbs:.0f}%",
                       f"{timing.rel_err(first, ref):.1e}"]
         cfg = km.default_config(m, k, n, km.FLOAT_GROUP, 2)
         rows.append(f"| {name} {k}×{n} | {m} | {config_text(cfg)} | {' | '.join(cells)} |")
@@ -250,16 +258,16 @@ def float_table(name: str, ms, copy_gbs: float) -> list[str]:
     return rows
 
 
-def float_main(names, ms, copy_gbs: float, markdown: str) -> None:
+def float_main(names, ms, read_gbs: float, markdown: str) -> None:
     lines = [f"bf16 matmul on a stack of {FLOAT_LAYERS} layers, layer index traced, {timing.describe()}, copy "
-             f"bandwidth {copy_gbs:.0f} GB/s (`PYTHONPATH=. python benchmarks/int8_matmul.py --float`); kernel: "
+             f"ceiling {read_gbs:.0f} GB/s (`PYTHONPATH=. python benchmarks/int8_matmul.py --float`); kernel: "
              "in place; XLA sliced: quant.reference_matmul on the stack; XLA unstacked: the dot on a separate "
-             "[K, N] array; % copy: of the 2·K·N weight bytes; error: ‖y − ref‖/‖ref‖ vs float32:", "",
-             "| matrix K×N | M | kernel config | kernel µs | % copy | error | XLA sliced µs | % copy | error "
-             "| XLA unstacked µs | % copy | error |",
+             "[K, N] array; % read: of the 2·K·N weight bytes; error: ‖y − ref‖/‖ref‖ vs float32:", "",
+             "| matrix K×N | M | kernel config | kernel µs | % read | error | XLA sliced µs | % read | error "
+             "| XLA unstacked µs | % read | error |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        lines += float_table(name, ms, copy_gbs)
+        lines += float_table(name, ms, read_gbs)
     timing.append_markdown(markdown, lines + [""])
     print("\n".join(lines))
 
@@ -272,6 +280,8 @@ def main():
     parser.add_argument("--float", action="store_true", help="bf16 stacked weights: kernel vs XLA's dot")
     parser.add_argument("--ms", help="batch sizes M (default 1,4,16,64; with --float 1,16)")
     parser.add_argument("--prefill-m", type=int, default=2048)
+    parser.add_argument("--compare-kind", default="NVIDIA H100 80GB HBM3",
+                        help="also time the config this device kind's tuned table picks")
     parser.add_argument("--markdown", default="BENCHMARKS.md", help="file to append the result rows to")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the sweep's full results")
     parser.add_argument("--smoke-form", help=argparse.SUPPRESS)  # internal: the child process of working_forms
@@ -283,9 +293,10 @@ def main():
     names = args.shapes.split(",")
     ms = [int(m) for m in (args.ms or ("1,16" if args.float else "1,4,16,64")).split(",")]
     copy_gbs = timing.copy_bandwidth()
-    print(f"{timing.describe()}; copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    read_gbs = timing.read_bandwidth()
+    print(f"{timing.describe()}; read ceiling {read_gbs:.0f} GB/s, copy (x * 2) {copy_gbs:.0f} GB/s", flush=True)
     if args.float:
-        return float_main(names, ms, copy_gbs, args.markdown)
+        return float_main(names, ms, read_gbs, args.markdown)
     ms.append(args.prefill_m)
 
     shapes = {name: Shape(*SHAPES[name], seed=i) for i, name in enumerate(names)}
@@ -297,22 +308,24 @@ def main():
             tuned[name] = sweep(shapes[name], args.prefill_m, deadline, forms, log)
         with open(os.path.join(args.out, "int8_sweep.json"), "w") as f:
             json.dump(log, f, indent=1)
-        print("# _TUNED entries (K, N, M bucket): config")
+        print(f"# _TUNED[{km.device_kind()!r}] entries (K, N, M bucket): config")
         for name, best in tuned.items():
             for m, cfg in sorted(best.items()):
                 if m <= km.MAX_KERNEL_M:
                     print(f"    ({shapes[name].k}, {shapes[name].n}, {m}): km.{cfg},")
 
-    lines = [f"int8 matmul, {timing.describe()}, copy bandwidth {copy_gbs:.0f} GB/s "
-             f"(`PYTHONPATH=. python benchmarks/int8_matmul.py{' --sweep' if args.sweep else ''}`); "
-             "GB/s of int8 + scales bytes (bf16: of its bf16 bytes); error: ‖y − ref‖/‖ref‖ vs float32:", "",
-             "| matrix K×N | M | kernel config | kernel µs | GB/s | % copy | error | vs XLA | XLA µs | GB/s | error "
-             "| bf16 dot µs | GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"int8 matmul, {timing.describe()}, read ceiling {read_gbs:.0f} GB/s (bench.read_bandwidth), copy "
+             f"(x * 2) {copy_gbs:.0f} GB/s (`PYTHONPATH=. python benchmarks/int8_matmul.py "
+             f"{' '.join(sys.argv[1:])}`); GB/s of int8 + scales bytes (bf16: of its bf16 bytes); error: "
+             f"‖y − ref‖/‖ref‖ vs float32; last kernel column: the config {args.compare_kind}'s table picks, "
+             "timed in the same run (its µs, this config's speed-up over it, its error):", "",
+             "| matrix K×N | M | kernel config | kernel µs | GB/s | % read | error | vs XLA | other device's config "
+             "| XLA µs | GB/s | error | bf16 dot µs | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         shape = shapes[name]
         bf16_weights = [quant.dequantize(q, s, jnp.bfloat16) for q, s in shape.weights]
-        lines += table(shape, name, ms, tuned.get(name, {}), copy_gbs, bf16_weights)
+        lines += table(shape, name, ms, tuned.get(name, {}), read_gbs, bf16_weights, args.compare_kind)
         del bf16_weights, shapes[name]
     timing.append_markdown(args.markdown, lines + [""])
     print("\n".join(lines))

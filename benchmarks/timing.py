@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_jax.bench import copy_bandwidth, median_seconds  # noqa: F401  (shared with the whole-model bench)
+from qwen_jax.bench import copy_bandwidth, median_seconds, read_bandwidth  # noqa: F401  (shared with the model bench)
 
 
 def rel_err(y, ref) -> float:

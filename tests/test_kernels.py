@@ -54,13 +54,14 @@ CONFIGS = [
     km.Config(16, 64, 1, 1, form="xw"),
     km.Config(16, 128, 2, 2, form="xw"),
     km.Config(16, 128, 1, 4, num_warps=8, num_stages=4),
+    km.Config(16, 128, 1, 2, form="xw", convert="asm16"),
     km.Config(1, 64, 2, 2, form="fma"),
-    km.Config(4, 128, 1, 1, form="fma"),
+    km.Config(4, 128, 1, 1, form="fma", convert="asm"),
 ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.form}-bm{c.block_m}-bn{c.block_n}-g{c.groups_per_step}-s{c.k_splits}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.form}-{c.convert}-bm{c.block_m}-bn{c.block_n}-g{c.groups_per_step}-s{c.k_splits}")
 def test_kernel_matches_xla_reference(cfg, kind):
     weight = _weight(kind, 0)
     lead = (3,) if cfg.block_m <= 4 else (2, 9)  # M = 3 pads to 4 (fma); M = 18 pads to two 16-row tiles
@@ -113,11 +114,100 @@ def test_default_config_and_large_m_fallback(kind):
     assert _rel_err(km.matmul(x, *quant.kernel_operands(weight)), quant.reference_matmul(x, weight)) < 1e-6
 
 
+@pytest.mark.parametrize("device_kind", [*km._TUNED, "an unknown GPU"])
 @pytest.mark.parametrize("weight_itemsize", [1, 2])
-def test_default_config_tiles_divide(weight_itemsize):
+def test_default_config_tiles_divide(weight_itemsize, device_kind):
     for m, k, n in [(1, 8192, 24576), (16, 8192, 8192), (64, 24576, 8192), (4, 8192, 49152), (7, 1024, 192)]:
-        cfg = km.default_config(m, k, n, 128, weight_itemsize)
+        cfg = km.default_config(m, k, n, 128, weight_itemsize, kind=device_kind)
         cfg.check(-(-m // cfg.block_m) * cfg.block_m, k, n, 128)
+        if weight_itemsize == 2:  # the PTX conversions take int8 values only
+            assert cfg.convert == "cvt"
+
+
+def test_default_config_is_looked_up_by_device_kind():
+    """Each device kind gets its own table's entry; an unknown kind (or the CPU) the heuristic, which keeps the
+    compiler's conversion; shapes outside the tables get the heuristic everywhere."""
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    for m, bucket in [(1, 1), (3, 4), (9, 16), (64, 64)]:
+        for kind in (h100, h200):
+            assert km.default_config(m, 8192, 49152, 128, kind=kind) == km._TUNED[kind][(8192, 49152, bucket)]
+    assert km.default_config(1, 8192, 49152, 128, kind=h100) != km.default_config(1, 8192, 49152, 128, kind=h200)
+    heuristic = km.default_config(1, 8192, 49152, 128, kind="NVIDIA A100-SXM4-80GB")
+    assert heuristic == km.default_config(1, 8192, 49152, 128, kind=None) == km.Config(16, 128, 1, 1)
+    assert heuristic.convert == "cvt"
+    assert km.default_config(1, 4096, 4096, 128, kind=h200) == km.default_config(1, 4096, 4096, 128, kind="x")
+    assert km.default_config(1, 8192, 49152, 64, kind=h200) == km.default_config(1, 8192, 49152, 64, kind="x")
+
+
+def test_float16_dot_keeps_large_activations_finite():
+    """"asm16" rounds x to float16 after a 2^-6 prescale: activations far past float16's 65504 (here up to 1e6)
+    give the same product as the float32 reference, to bf16 output rounding."""
+    weight = _weight("int8", 11)
+    x = (_x(12, (3,)).astype(jnp.float32) * jnp.array([1e6, 3e4, 1e-3])[:, None]).astype(jnp.bfloat16)
+    cfg = km.Config(16, 128, 1, 2, form="xw", convert="asm16")
+    y = km.matmul(x, *quant.kernel_operands(weight), config=cfg, interpret=True)
+    ref = _float64_ref(x, weight)
+    for row in range(3):
+        assert np.isfinite(np.asarray(y[row], np.float32)).all()
+        assert _rel_err(y[row], ref[row]) < 4e-3
+
+
+def _run_ptx(asm: str, constraints: str, words: np.ndarray) -> list[np.ndarray]:
+    """A NumPy model of the few PTX instructions in int8_matmul._ASM (xor, mov, prmt, sub.f32, sub.f16x2), run on
+    32-bit input words: the registers $0… are the outputs, then the input, in the order of `constraints`."""
+    n_out = len(constraints)
+    regs = {f"${n_out}": words.astype(np.uint32)}
+
+    def value(tok):
+        if tok.startswith("0f"):
+            return np.full(words.shape, int(tok[2:], 16), np.uint32)
+        if tok.startswith("0x"):
+            return np.full(words.shape, int(tok, 16), np.uint32)
+        return regs[tok]
+
+    body = asm.strip().lstrip("{").rstrip("}")
+    for line in body.split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        if op == "xor.b32":
+            regs[d] = value(src[0]) ^ value(src[1])
+        elif op == "mov.b32":
+            regs[d] = value(src[0])
+        elif op == "prmt.b32":
+            a, b, sel = value(src[0]), value(src[1]), int(src[2], 16)
+            pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+            regs[d] = sum(pool[(sel >> (4 * i)) & 0x7] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+        elif op == "sub.f32":
+            diff = value(src[0]).view(np.float32) - value(src[1]).view(np.float32)
+            regs[d] = diff.astype(np.float32).view(np.uint32)
+        elif op == "sub.f16x2":
+            halves = [(value(t)[..., None] >> np.array([0, 16], np.uint32)) & 0xFFFF for t in src]
+            a, b = [h.astype(np.uint16).view(np.float16).astype(np.float32) for h in halves]
+            out = (a - b).astype(np.float16).view(np.uint16).astype(np.uint32)
+            regs[d] = out[..., 0] | (out[..., 1] << 16)
+        else:
+            raise AssertionError(f"instruction {op} has no model here")
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_ptx_int8_conversion_is_exact(dtype):
+    """Every int8 value in every byte position of a register comes out as that value, in order, first value in the
+    low bits: the arithmetic the kernel's inline PTX does on the GPU (the interpreter uses a plain astype)."""
+    asm, constraints = km._ASM[dtype]
+    values = np.arange(-128, 128, dtype=np.int8)
+    q = np.stack([np.roll(values, 37 * i) for i in range(4)], axis=1)  # [256, 4]: each value at each position
+    words = q.view(np.uint8).astype(np.uint32) @ (np.uint32(1) << np.arange(0, 32, 8, dtype=np.uint32))
+    out = _run_ptx(asm, constraints, words.astype(np.uint32))
+    if dtype == "float32":
+        got = np.stack([o.view(np.float32) for o in out], axis=1)
+    else:
+        halves = np.stack([(o >> s) & 0xFFFF for o in out for s in (0, 16)], axis=1).astype(np.uint32)
+        got = (halves << 16).view(np.float32) if dtype == "bfloat16" else halves.astype(np.uint16).view(np.float16)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), q.astype(np.float32))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -47,6 +47,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 FORMS = ("xw", "fma")
+# How int8 weights become floats in registers (`Config.convert`):
+#   "cvt":    the compiler's int8 -> float conversion (I2F, a quarter-rate instruction on Hopper)
+#   "asm":    PRMT byte moves into a float's mantissa and one subtract, 4 values at a time (_ASM below)
+#   "asm16":  "asm" to float16 (two PRMTs and two half2 subtracts per 4 values), with the dot in float16
+CONVERTS = ("cvt", "asm", "asm16")
+# "asm16" rounds x to float16 after scaling by this power of two (exact), so that activations up to 65504 / 2^-6
+# ≈ 4.2e6 stay finite; values under 2^-14 × 2^6 ≈ 3.9e-3 become float16 subnormals, off by at most 2^-25 × 2^6 ≈
+# 1.9e-6, below bf16's own rounding of a value of that size. Group products are divided by it again with the scales.
+F16_PRESCALE = 2.0**-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +67,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3  # Triton's software-pipelining depth of the K loop
     form: str = "xw"
+    convert: str = "cvt"
 
     def check(self, m_padded: int, k: int, n: int, group: int) -> None:
-        if self.form not in FORMS:
-            raise ValueError(f"form {self.form!r} not in {FORMS}")
+        if self.form not in FORMS or self.convert not in CONVERTS:
+            raise ValueError(f"form {self.form!r} not in {FORMS} or convert {self.convert!r} not in {CONVERTS}")
         if (self.form == "fma") != (self.block_m <= 4) or m_padded % self.block_m:
             raise ValueError(f"{self}: block_m must be ≤ 4 exactly for 'fma' and divide the padded M={m_padded}")
         if self.form == "fma" and group % _FMA_ROWS:
@@ -82,6 +92,47 @@ def _load_weight(w_ref, layer, rows):
     return plgpu.load(w_ref.at[layer, rows, :], eviction_policy="evict_first")
 
 
+# PTX for 4 int8 values (one 32-bit register) -> 4 floats, exact for |q| ≤ 128. XOR 0x80 turns q into u = q + 128;
+# PRMT copies byte u into the low mantissa byte of a float whose other bytes are the magic number's, giving
+# magic + u exactly; one subtract of (magic + 128) leaves q. float32: magic 2^23 (0x4B000000); float16: 1024 (0x6400),
+# two values per register, one half2 subtract; bfloat16 (7 mantissa bits, too few for u) goes through float32 and
+# keeps each result's upper half. Output registers hold consecutive values, the first in the low bits.
+_F32_BYTES = """xor.b32 u, {src}, 0x80808080;
+mov.b32 m, 0x4B000000;
+prmt.b32 {d0}, u, m, 0x7440;
+prmt.b32 {d1}, u, m, 0x7441;
+prmt.b32 {d2}, u, m, 0x7442;
+prmt.b32 {d3}, u, m, 0x7443;
+sub.f32 {d0}, {d0}, 0f4B000080;
+sub.f32 {d1}, {d1}, 0f4B000080;
+sub.f32 {d2}, {d2}, 0f4B000080;
+sub.f32 {d3}, {d3}, 0f4B000080;"""
+_ASM = {  # dtype name -> (asm, output constraints per 4 values: "f" a float32 register, "r" two 16-bit values)
+    "float32": ("{.reg .b32 u, m;\n" + _F32_BYTES.format(src="$4", d0="$0", d1="$1", d2="$2", d3="$3") + "}", "ffff"),
+    "bfloat16": ("{.reg .b32 u, m, f0, f1, f2, f3;\n" + _F32_BYTES.format(src="$2", d0="f0", d1="f1", d2="f2", d3="f3")
+                 + "\nprmt.b32 $0, f0, f1, 0x7632;\nprmt.b32 $1, f2, f3, 0x7632;}", "rr"),
+    "float16": ("""{.reg .b32 u, m, c;
+xor.b32 u, $2, 0x80808080;
+mov.b32 m, 0x64646464;
+mov.b32 c, 0x64806480;
+prmt.b32 $0, u, m, 0x4140;
+prmt.b32 $1, u, m, 0x4342;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;}""", "rr"),
+}
+
+
+def _to_float(w, dtype, convert: str, interpret: bool):
+    """int8 w -> dtype, exactly. The interpreter (CPU) has no PTX: there every `convert` is a plain astype, and
+    tests/test_kernels.py checks the PTX's arithmetic with a NumPy model of PRMT and the subtracts."""
+    if w.dtype != jnp.int8 or convert == "cvt" or interpret:
+        return w.astype(dtype)
+    asm, outputs = _ASM[jnp.dtype(dtype).name]
+    [y] = plgpu.elementwise_inline_asm(asm, args=[w], constraints=",".join([f"={c}" for c in outputs] + ["r"]), pack=4,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, dtype)])
+    return y
+
+
 def _load_x(x_ref, cols, block_m: int):
     """x[:, cols] as [block_m, ·]: an x of fewer rows (M < block_m, the whole of a decode step's M) is read with
     its missing rows masked to zero, in place of an XLA pad of x before the call (one kernel per linear)."""
@@ -91,36 +142,42 @@ def _load_x(x_ref, cols, block_m: int):
     return plgpu.load(x_ref.at[pl.ds(0, block_m), cols], mask=rows_ok[:, None], other=0)
 
 
-def _fma_group(x_ref, w_ref, layer, start, group, block_m):
+def _fma_group(x_ref, w_ref, layer, start, group, block_m, to_float):
     """Σ_k x[:, k] w[k, :] over rows [start, start + group) without tensor cores -> [bm, bn] float32."""
     part = None
     for c in range(0, group, _FMA_ROWS):
         rows = pl.ds(pl.multiple_of(start + c, _FMA_ROWS), _FMA_ROWS)
         x = _load_x(x_ref, rows, block_m).astype(jnp.float32)  # [bm, 32]
-        w = _load_weight(w_ref, layer, rows).astype(jnp.float32)  # [32, bn]
+        w = to_float(_load_weight(w_ref, layer, rows), jnp.float32)  # [32, bn]
         term = jnp.sum(x[:, :, None] * w[None, :, :], axis=1)
         part = term if part is None else part + term
     return part
 
 
-def _kernel(layer_ref, x_ref, w_ref, *refs, cfg: Config, group: int, steps: int):
+def _kernel(layer_ref, x_ref, w_ref, *refs, cfg: Config, group: int, steps: int, interpret: bool):
     """layer_ref [1] int32; x_ref [bm, Ks] (or [M, Ks], M < bm); w_ref [L, Ks, bn]; refs: (s_ref [L, Ks // g, bn],
     o_ref [bm, bn]) for int8 weights, (o_ref,) for float weights."""
     s_ref, o_ref = refs if len(refs) == 2 else (None, *refs)
     layer = layer_ref[0]
     f32 = jnp.float32
+    to_float = functools.partial(_to_float, convert=cfg.convert, interpret=interpret)
+    f16_dot = cfg.convert == "asm16" and s_ref is not None and cfg.form == "xw"
 
     def step(i, acc):
         for j in range(cfg.groups_per_step):  # unrolled: all groups' loads are issued before their math
             grp = i * cfg.groups_per_step + j
             s = None if s_ref is None else s_ref[layer, grp, :].astype(f32)  # [bn]
             if cfg.form == "fma":
-                part = _fma_group(x_ref, w_ref, layer, grp * group, group, cfg.block_m)
+                part = _fma_group(x_ref, w_ref, layer, grp * group, group, cfg.block_m, to_float)
             else:
                 rows = pl.ds(pl.multiple_of(grp * group, group), group)
                 x = _load_x(x_ref, rows, cfg.block_m)  # [bm, g]
-                w = _load_weight(w_ref, layer, rows).astype(x.dtype)  # [g, bn]
+                if f16_dot:
+                    x = (x.astype(f32) * F16_PRESCALE).astype(jnp.float16)
+                w = to_float(_load_weight(w_ref, layer, rows), x.dtype)  # [g, bn]
                 part = jnp.dot(x, w, preferred_element_type=f32)
+                if f16_dot:
+                    s = s / F16_PRESCALE
             acc += part if s is None else part * s[None, :]
         return acc
 
@@ -148,37 +205,61 @@ def _pallas_matmul(x, w, s, layer, group: int, cfg: Config, out_dtype, interpret
         operands.append(s)
         in_specs.append(pl.BlockSpec((n_layers, k_split // group, bn), lambda j, i, h: (0, h, j)))
     y = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, group=group, steps=k_split // (group * cfg.groups_per_step)),
+        functools.partial(_kernel, cfg=cfg, group=group, steps=k_split // (group * cfg.groups_per_step),
+                          interpret=interpret),
         grid=(n // bn, mp // bm, splits),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bm, bn), lambda j, i, h: (h, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32 if partial else out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"{'int8' if s is not None else jnp.dtype(w.dtype).name}_matmul_{cfg.form}",
+        name=f"{'int8' if s is not None else jnp.dtype(w.dtype).name}_matmul_{cfg.form}_{cfg.convert}",
     )(*operands)
     return y.sum(0).astype(out_dtype) if partial else y[0]
 
 
-# Best measured configs, keyed by (K, N, M bucket): Qwen-72B's four layer shapes on the H100 with jax 0.11.2, the
-# fastest of two sweeps' final timings (benchmarks/int8_matmul.py --sweep; BENCHMARKS.md).
-_TUNED: dict[tuple[int, int, int], Config] = {
-    (8192, 24576, 1): Config(1, 256, 2, 16, 4, 3, "fma"),
-    (8192, 24576, 4): Config(16, 128, 1, 2, 4, 3),
-    (8192, 24576, 16): Config(16, 128, 1, 2, 4, 4),
-    (8192, 24576, 64): Config(64, 128, 1, 2, 4, 3),  # not swept at this shape: w1w2's winner (same K)
-    (8192, 49152, 1): Config(1, 256, 2, 8, 4, 3, "fma"),
-    (8192, 49152, 4): Config(16, 128, 1, 1, 4, 4),
-    (8192, 49152, 16): Config(16, 128, 1, 1, 4, 3),
-    (8192, 49152, 64): Config(64, 128, 1, 2, 4, 3),
-    (8192, 8192, 1): Config(16, 128, 1, 4, 8, 3),
-    (8192, 8192, 4): Config(16, 128, 1, 4, 8, 3),
-    (8192, 8192, 16): Config(16, 128, 1, 8, 8, 4),
-    (8192, 8192, 64): Config(64, 128, 1, 4, 8, 3),
-    (24576, 8192, 1): Config(16, 128, 1, 4, 8, 3),
-    (24576, 8192, 4): Config(16, 128, 1, 4, 8, 3),
-    (24576, 8192, 16): Config(16, 128, 1, 8, 4, 3),
-    (24576, 8192, 64): Config(64, 128, 1, 4, 4, 3),
+# Best measured configs per device kind (`jax.Device.device_kind`), keyed by (K, N, M bucket): Qwen-72B's four layer
+# shapes, jax 0.11.2. H100: the fastest of two sweeps' final timings (benchmarks/int8_matmul.py --sweep). H200: the
+# fastest of benchmarks/decode_probe.py's variants at M = 1 and 16 (2026-12-02); where the M = 16 winner beat the M = 1
+# one it serves M = 1 too, and M = 4 / 64 take the M = 16 winner's / the H100's tiling with the same conversion
+# (not swept there). BENCHMARKS.md has the timings.
+_TUNED: dict[str, dict[tuple[int, int, int], Config]] = {
+    "NVIDIA H100 80GB HBM3": {
+        (8192, 24576, 1): Config(1, 256, 2, 16, 4, 3, "fma"),
+        (8192, 24576, 4): Config(16, 128, 1, 2, 4, 3),
+        (8192, 24576, 16): Config(16, 128, 1, 2, 4, 4),
+        (8192, 24576, 64): Config(64, 128, 1, 2, 4, 3),  # not swept at this shape: w1w2's winner (same K)
+        (8192, 49152, 1): Config(1, 256, 2, 8, 4, 3, "fma"),
+        (8192, 49152, 4): Config(16, 128, 1, 1, 4, 4),
+        (8192, 49152, 16): Config(16, 128, 1, 1, 4, 3),
+        (8192, 49152, 64): Config(64, 128, 1, 2, 4, 3),
+        (8192, 8192, 1): Config(16, 128, 1, 4, 8, 3),
+        (8192, 8192, 4): Config(16, 128, 1, 4, 8, 3),
+        (8192, 8192, 16): Config(16, 128, 1, 8, 8, 4),
+        (8192, 8192, 64): Config(64, 128, 1, 4, 8, 3),
+        (24576, 8192, 1): Config(16, 128, 1, 4, 8, 3),
+        (24576, 8192, 4): Config(16, 128, 1, 4, 8, 3),
+        (24576, 8192, 16): Config(16, 128, 1, 8, 4, 3),
+        (24576, 8192, 64): Config(64, 128, 1, 4, 4, 3),
+    },
+    "NVIDIA H200": {
+        (8192, 24576, 1): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
+        (8192, 24576, 4): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
+        (8192, 24576, 16): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
+        (8192, 24576, 64): Config(64, 128, 1, 2, 4, 3, "xw", "asm16"),
+        (8192, 49152, 1): Config(1, 256, 2, 8, 4, 3, "fma", "asm"),
+        (8192, 49152, 4): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
+        (8192, 49152, 16): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
+        (8192, 49152, 64): Config(64, 128, 1, 2, 4, 3, "xw", "asm16"),
+        (8192, 8192, 1): Config(16, 128, 1, 4, 4, 4, "xw", "asm16"),
+        (8192, 8192, 4): Config(16, 128, 1, 4, 4, 4, "xw", "asm16"),
+        (8192, 8192, 16): Config(16, 128, 1, 4, 4, 4, "xw", "asm16"),
+        (8192, 8192, 64): Config(64, 128, 1, 4, 8, 3, "xw", "asm16"),
+        (24576, 8192, 1): Config(16, 256, 1, 8, 4, 4, "xw", "asm16"),
+        (24576, 8192, 4): Config(16, 256, 1, 8, 4, 4, "xw", "asm16"),
+        (24576, 8192, 16): Config(16, 256, 1, 8, 4, 4, "xw", "asm16"),
+        (24576, 8192, 64): Config(64, 128, 1, 4, 4, 3, "xw", "asm16"),
+    },
 }
 _M_BUCKETS = (1, 4, 16, 64)
 # Above this many rows dequantize-to-bf16 + XLA's dot (cuBLAS) is used: at M = 2048 it measured about twice as fast
@@ -189,16 +270,24 @@ MAX_KERNEL_M = 64
 _MIN_PROGRAMS = 256
 
 
-def default_config(m: int, k: int, n: int, group: int, weight_itemsize: int = 1) -> Config:
-    """A tuned config for this shape if one was measured, else the winners' pattern: 16- or 64-row tiles, 128
-    columns, one group per step, K split until there are ≥ 256 programs.
+def device_kind() -> str | None:
+    """The first device's kind ('NVIDIA H200', …) on a GPU backend, else None (no tuned table applies)."""
+    return jax.devices()[0].device_kind if jax.default_backend() == "gpu" else None
+
+
+def default_config(m: int, k: int, n: int, group: int, weight_itemsize: int = 1, kind: str | None = None) -> Config:
+    """The config tuned on this device kind (default: the current device's) for this shape if one was measured,
+    else a safe heuristic: the compiler's conversion, 16- or 64-row tiles, 128 columns, one group per step, K split
+    until there are ≥ 256 programs.
 
     Float weights (weight_itemsize 2) were not tuned on the device yet: they take the int8 config of their shape
-    with one group per step, so that a step moves at most twice an int8 winner's bytes (the winners take 1 or 2).
+    with one group per step, so that a step moves at most twice an int8 winner's bytes (the winners take 1 or 2),
+    and the compiler's conversion (the PTX conversions are for int8).
     """
     bucket = next((b for b in _M_BUCKETS if m <= b), None)
-    if bucket is not None and group == 128 and (k, n, bucket) in _TUNED:  # tuned with group 128
-        cfg = _TUNED[(k, n, bucket)]
+    tuned = _TUNED.get(kind if kind is not None else device_kind(), {})
+    if bucket is not None and group == 128 and (k, n, bucket) in tuned:  # tuned with group 128
+        cfg = tuned[(k, n, bucket)]
     else:
         bm = 16 if m <= 16 else 64
         bn = 128 if n % 128 == 0 else 64
@@ -207,7 +296,7 @@ def default_config(m: int, k: int, n: int, group: int, weight_itemsize: int = 1)
         while n // bn * pl.cdiv(m, bm) * splits < _MIN_PROGRAMS and groups % (2 * splits) == 0:
             splits *= 2
         cfg = Config(bm, bn, 1, splits)
-    return cfg if weight_itemsize == 1 else dataclasses.replace(cfg, groups_per_step=1)
+    return cfg if weight_itemsize == 1 else dataclasses.replace(cfg, groups_per_step=1, convert="cvt")
 
 
 def _offsets_wrap(shape, dtype) -> bool:
