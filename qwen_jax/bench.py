@@ -57,8 +57,8 @@ def read_bandwidth(gib: float = 4.0) -> float:
     """The read ceiling kernels are judged against: GB/s of the best of several streaming reads of `gib` GiB.
 
     XLA's row and column sums of an int32 array, and (on a GPU) cuBLAS's bf16 GEMV of a 8192×49152 matrix at M = 1,
-    bytes read only. `x * 2` is no ceiling: on the H200 it moved 3.0–3.8 TB/s where reads reached 3.6–3.8 (and
-    torch's copy 4.3, counting reads and writes; BENCHMARKS.md).
+    bytes read only. `x * 2` is no ceiling: on H200s it moved 2.95–3.78 TB/s (reads and writes counted) in runs whose
+    reads reached 3.39–3.76 (BENCHMARKS.md, session 5).
     """
     words = int(gib * 2**30) // 4 // 1024
     x = jax.random.bits(jax.random.key(0), (words, 1024), jnp.uint32)

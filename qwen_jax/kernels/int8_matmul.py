@@ -219,10 +219,10 @@ def _pallas_matmul(x, w, s, layer, group: int, cfg: Config, out_dtype, interpret
 
 
 # Best measured configs per device kind (`jax.Device.device_kind`), keyed by (K, N, M bucket): Qwen-72B's four layer
-# shapes, jax 0.11.2. H100: the fastest of two sweeps' final timings (benchmarks/int8_matmul.py --sweep). H200: the
-# fastest of benchmarks/decode_probe.py's variants at M = 1 and 16 (2026-12-02); where the M = 16 winner beat the M = 1
-# one it serves M = 1 too, and M = 4 / 64 take the M = 16 winner's / the H100's tiling with the same conversion
-# (not swept there). BENCHMARKS.md has the timings.
+# shapes, jax 0.11.2. H100: the fastest of two sweeps' final timings (benchmarks/int8_matmul.py --sweep). H200
+# (2026-12-02): at M = 1 and 16 the fastest of benchmarks/decode_probe.py's variants (c_attn and attn.c_proj at M = 1
+# take their M = 16 winner, faster there); at M = 4 and 64 the faster of the H100 entry and the same tiling with the
+# PTX conversion, timed side by side by benchmarks/int8_matmul.py. BENCHMARKS.md has the timings.
 _TUNED: dict[str, dict[tuple[int, int, int], Config]] = {
     "NVIDIA H100 80GB HBM3": {
         (8192, 24576, 1): Config(1, 256, 2, 16, 4, 3, "fma"),
@@ -244,18 +244,18 @@ _TUNED: dict[str, dict[tuple[int, int, int], Config]] = {
     },
     "NVIDIA H200": {
         (8192, 24576, 1): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
-        (8192, 24576, 4): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
+        (8192, 24576, 4): Config(16, 128, 1, 2, 4, 3),
         (8192, 24576, 16): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
-        (8192, 24576, 64): Config(64, 128, 1, 2, 4, 3, "xw", "asm16"),
+        (8192, 24576, 64): Config(64, 128, 1, 2, 4, 3),
         (8192, 49152, 1): Config(1, 256, 2, 8, 4, 3, "fma", "asm"),
-        (8192, 49152, 4): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
+        (8192, 49152, 4): Config(16, 128, 1, 1, 4, 4),
         (8192, 49152, 16): Config(16, 128, 1, 2, 4, 4, "xw", "asm16"),
         (8192, 49152, 64): Config(64, 128, 1, 2, 4, 3, "xw", "asm16"),
         (8192, 8192, 1): Config(16, 128, 1, 4, 4, 4, "xw", "asm16"),
         (8192, 8192, 4): Config(16, 128, 1, 4, 4, 4, "xw", "asm16"),
         (8192, 8192, 16): Config(16, 128, 1, 4, 4, 4, "xw", "asm16"),
-        (8192, 8192, 64): Config(64, 128, 1, 4, 8, 3, "xw", "asm16"),
-        (24576, 8192, 1): Config(16, 256, 1, 8, 4, 4, "xw", "asm16"),
+        (8192, 8192, 64): Config(64, 128, 1, 4, 8, 3),
+        (24576, 8192, 1): Config(16, 128, 1, 4, 8, 3),
         (24576, 8192, 4): Config(16, 256, 1, 8, 4, 4, "xw", "asm16"),
         (24576, 8192, 16): Config(16, 256, 1, 8, 4, 4, "xw", "asm16"),
         (24576, 8192, 64): Config(64, 128, 1, 4, 4, 3, "xw", "asm16"),
