@@ -25,26 +25,30 @@ from qwen_jax import sharding as sharding_lib
 FLASH_HEAD_DIMS = (64, 128)  # head sizes cuDNN's fused attention handles (Qwen's is 128)
 
 
-def flash_applies(dtype, head_dim: int, num_devices: int | None = None) -> bool:
-    """Whether `causal_self_attention` runs cuDNN's fused kernel (GPU, 16-bit, one device); `num_devices` is the
-    mesh's size, by default that of the mesh being traced under.
-
-    Under a mesh of several devices the XLA path runs: the fused call's partitioning was not tested on several GPUs.
-    """
-    if num_devices is None:
-        num_devices = sharding_lib.traced_devices()
+def flash_applies(dtype, head_dim: int) -> bool:
+    """Whether `causal_self_attention` runs cuDNN's fused kernel: a GPU, 16-bit, a head size it handles (under a
+    mesh, on each device's rows and heads)."""
     return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim in FLASH_HEAD_DIMS and num_devices == 1)
+            and head_dim in FLASH_HEAD_DIMS)
+
+
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
     """q, k, v [B, S, H, D], positions [B, S] -> [B, S, H, D]: token i of a row attends to tokens 0..i of the row.
 
     The XLA path masks by position; cuDNN's causal mask by index is the same because a row's positions are
-    consecutive. Padding after a row's last real token is never seen by its real tokens.
+    consecutive. Padding after a row's last real token is never seen by its real tokens. Under a mesh the fused
+    kernel runs on each device's rows and heads (a row's tokens stay together), as the rules split them.
     """
     if flash_applies(q.dtype, q.shape[-1]):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        if not sharding_lib.under_mesh():
+            return _flash(q, k, v)
+        specs = sharding_lib.local_specs([("batch", None, "act_heads", None)])
+        if specs is not None and sharding_lib.local_shape(q.shape, specs[0]) is not None:
+            return sharding_lib.run_local(_flash, [q, k, v], specs * 3, specs[0])
     mask = positions[:, None, :] <= positions[:, :, None]  # [B, S, S]
     # attend takes the cache's [B, H, S, D]; these are only this call's tokens, so the transpose is cheap
     return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)

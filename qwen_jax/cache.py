@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from qwen_jax import attention
 from qwen_jax import sharding as sharding_lib
@@ -135,16 +136,16 @@ def request_bytes_per_device(config: QwenConfig, batch: int, prompt_len: int, ma
     """
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     shape, key_dtype, _ = _specs(config, batch, max_len, jnp.dtype(kv_dtype))["k"]
-    split, devices = _cache_shards(config, batch, max_len, kv_dtype, mesh, rules), 1 if mesh is None else mesh.size
+    split = _cache_shards(config, batch, max_len, kv_dtype, mesh, rules)
     itemsize = jnp.dtype(dtype).itemsize
     chunk = min(prefill_chunk or prompt_len, prompt_len)
     need = {"KV cache": cache_bytes(config, batch, max_len, kv_dtype) // split}
     heads, head_dim = config.num_attention_heads, config.head_dim
-    kernel = kernel_applies(dtype, head_dim, kv_dtype, devices)
+    kernel = kernel_applies(dtype, head_dim, kv_dtype)
     score_rows = 4 * batch * heads * chunk  # float32 bytes per key of a chunk's scores
     over_cache = (cache_attention.partials_bytes(batch, chunk, heads, head_dim, max_len, key_dtype) if kernel
                   else 2 * score_rows * max_len)
-    scores = max(0 if attention.flash_applies(dtype, head_dim, devices) else score_rows * chunk,
+    scores = max(0 if attention.flash_applies(dtype, head_dim) else score_rows * chunk,
                  over_cache if chunk < prompt_len else 0)
     if scores:
         need["prefill attention scores"] = scores // split
@@ -224,29 +225,53 @@ def read(cache: Cache, layer: jax.Array) -> dict[str, jax.Array]:
     return out
 
 
-def kernel_applies(dtype, head_dim: int, kv_dtype, num_devices: int | None = None) -> bool:
-    """Whether `attend` runs the Pallas kernel (qwen_jax.kernels.cache_attention): a GPU, a 16-bit model, one
-    device (`num_devices`, by default the size of the mesh being traced under)."""
-    if num_devices is None:
-        num_devices = sharding_lib.traced_devices()
+def kernel_applies(dtype, head_dim: int, kv_dtype) -> bool:
+    """Whether `attend` runs the Pallas kernel (qwen_jax.kernels.cache_attention): a GPU and a 16-bit model (under
+    a mesh, on each device's rows and heads, `_attend_local`)."""
     kv_dtype = _WORD if is_quantized(kv_dtype) else kv_dtype
-    return num_devices == 1 and cache_attention.supported(dtype, head_dim, kv_dtype)
+    return cache_attention.supported(dtype, head_dim, kv_dtype)
 
 
 def attend(cache: Cache, layer: jax.Array, q: jax.Array, positions: jax.Array) -> jax.Array:
     """q [B, S, H, hd] at positions [B, S] attends to slots 0 … positions[b, i] of row b of layer `layer`
     -> [B, S, H, hd] in q's dtype.
 
-    On a GPU the kernel reads the stacked cache in place; elsewhere (CPU, meshes of several devices) XLA attends
-    over one layer's copy under the causal mask by absolute position.
+    On a GPU the kernel reads the stacked cache in place (under a mesh, each device its own rows and heads);
+    elsewhere (the CPU, rules that split slots or layers) XLA attends over one layer's copy under the causal mask
+    by absolute position.
     """
     if kernel_applies(q.dtype, q.shape[-1], jnp.int8 if "k_scale" in cache else cache["k"].dtype):
-        return cache_attention.attend(q, positions, cache["k"], cache["v"], layer, cache.get("k_scale"),
-                                      cache.get("v_scale"))
+        if not sharding_lib.under_mesh():
+            return cache_attention.attend(q, positions, cache["k"], cache["v"], layer, cache.get("k_scale"),
+                                          cache.get("v_scale"))
+        out = _attend_local(cache, layer, q, positions)
+        if out is not None:
+            return out
     # k/v [B, H, T, hd] and scales [B, H, T]: the cache's axes after `layers` (scales stop before head_dim)
     kv = {name: nn.with_logical_constraint(a, KV_AXES[1:a.ndim + 1]) for name, a in read(cache, layer).items()}
     mask = jnp.arange(max_len(cache))[None, None, :] <= positions[:, :, None]  # [B, S, T]
     return attention.attend(q, kv["k"], kv["v"], mask, kv.get("k_scale"), kv.get("v_scale"))
+
+
+def _attend_local(cache: Cache, layer: jax.Array, q: jax.Array, positions: jax.Array) -> jax.Array | None:
+    """The kernel on each device's cache rows and heads (queries split to match), or None where the rules split
+    layers, slots or head_dim (a query must see all its slots)."""
+    specs = sharding_lib.local_specs([KV_AXES, KV_AXES[:4]])
+    if specs is None:
+        return None
+    kv_spec, scale_spec = specs
+    if any(kv_spec[KV_AXES.index(name)] is not None for name in ("layers", "kv_len", "head_dim")):
+        return None
+    rows, heads = kv_spec[KV_AXES.index("batch")], kv_spec[KV_AXES.index("kv_heads")]
+    q_spec, pos_spec = P(rows, None, heads, None), P(rows, None)
+    scales = [cache[name] for name in ("k_scale", "v_scale") if name in cache]
+
+    def local(q, positions, k, v, *rest):
+        *scales, layer = rest
+        return cache_attention.attend(q, positions, k, v, layer, *scales)
+
+    return sharding_lib.run_local(local, [q, positions, cache["k"], cache["v"], *scales, layer],
+                                  [q_spec, pos_spec, kv_spec, kv_spec, *[scale_spec] * len(scales), P()], q_spec)
 
 
 def max_len(cache: Cache) -> int:

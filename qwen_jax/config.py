@@ -35,11 +35,9 @@ class QwenConfig:
     num_real_tokens: int = NUM_REAL_TOKENS
 
     def __post_init__(self):
-        if self.num_attention_heads * self.kv_channels != self.hidden_size:
-            raise ConfigError(
-                f"num_attention_heads ({self.num_attention_heads}) × kv_channels ({self.kv_channels}) "
-                f"must equal hidden_size ({self.hidden_size})"
-            )
+        # heads × kv_channels == hidden_size holds for every Qwen checkpoint and is checked on reading one
+        # (`from_dict`); the model itself only needs the attention width heads × kv_channels, so a config of one
+        # device's tensor-parallel shard (fewer heads, same hidden size: sharding_lab.tp_shard_config) is valid.
         if self.intermediate_size % 2:
             raise ConfigError(f"intermediate_size must be even (the MLP width is half of it), got {self.intermediate_size}")
         if self.kv_channels % 2:
@@ -61,8 +59,8 @@ class QwenConfig:
 
     @property
     def num_params(self) -> int:
-        d, f, v = self.hidden_size, self.mlp_width, self.vocab_size
-        per_layer = (d * 3 * d + 3 * d) + d * d + 3 * d * f + 2 * d
+        d, f, v, a = self.hidden_size, self.mlp_width, self.vocab_size, self.num_attention_heads * self.kv_channels
+        per_layer = (d * 3 * a + 3 * a) + a * d + 3 * d * f + 2 * d
         return 2 * v * d + self.num_hidden_layers * per_layer + d
 
     def ntk_alpha(self, true_length: int) -> float:
@@ -93,9 +91,13 @@ class QwenConfig:
             if key in kwargs and (not isinstance(kwargs[key], int) or kwargs[key] <= 0):
                 raise ConfigError(f"{source}: {key} must be a positive integer, got {kwargs[key]!r}")
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if config.num_attention_heads * config.kv_channels != config.hidden_size:
+            raise ConfigError(f"{source}: num_attention_heads ({config.num_attention_heads}) × kv_channels "
+                              f"({config.kv_channels}) must equal hidden_size ({config.hidden_size})")
+        return config
 
     @classmethod
     def from_json(cls, path: str | Path) -> "QwenConfig":

@@ -87,7 +87,7 @@ class Linear(nn.Module):
         else:
             init = nn.initializers.normal(self.in_features ** -0.5)
             weight = {"kernel": _param(self, "kernel", init, shape, self.dtype, self.axes, layer)}
-        y = quant.matmul(x.astype(self.dtype), weight, out_dtype=self.out_dtype, layer=layer)
+        y = quant.matmul(x.astype(self.dtype), weight, out_dtype=self.out_dtype, layer=layer, axes=self.axes)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.dtype, self.axes[1:], layer)
             y = y + quant.at_layer(bias, layer).astype(y.dtype)

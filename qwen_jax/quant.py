@@ -32,17 +32,53 @@ def dequantize(qvalue: jax.Array, scales: jax.Array, dtype) -> jax.Array:
     return w.reshape(qvalue.shape).astype(dtype)
 
 
-def matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None, layer: jax.Array | None = None) -> jax.Array:
+def matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None, layer: jax.Array | None = None,
+           axes: tuple[str, ...] | None = None) -> jax.Array:
     """x [..., K] @ weight [K, *N] -> [..., *N] in `out_dtype` (default x.dtype), accumulated in float32.
 
     `weight` holds either {"kernel"} (float) or {"qvalue", "scales"} (int8). With `layer`, the arrays are stacks
     [L, …] of all layers and layer `layer` is used. On a GPU the fused kernel takes every weight whose shape it
-    supports (`kernel_operands` says why float weights too), everything else goes to `reference_matmul`.
+    supports (`kernel_operands` says why float weights too), everything else goes to `reference_matmul`. Under a
+    mesh (1×1 included) the kernel runs on each device's shards (`sharding.plan_matmul`, from the weight's logical
+    `axes` (K, *N) and x's ("batch", "seq")), its partial sums reduced over the mesh axes that split K.
     """
+    out_dtype = out_dtype or x.dtype
     operands = kernel_operands(weight)
-    if _kernel_applies(x, operands, layer):
-        return int8_matmul.matmul(x, *operands, layer=layer, out_dtype=out_dtype or x.dtype)
+    if not sharding_lib.under_mesh():
+        if int8_matmul.supported(x, *operands, layer=layer):
+            return int8_matmul.matmul(x, *operands, layer=layer, out_dtype=out_dtype)
+    elif axes is not None and (y := _local_kernel(x, operands, layer, out_dtype, axes)) is not None:
+        return y
     return reference_matmul(x, weight, out_dtype, layer)
+
+
+def _local_kernel(x, operands, layer, out_dtype, axes) -> jax.Array | None:
+    """The kernel on each device's shards under the traced mesh, or None where the plan or the shard shapes rule
+    it out (then the XLA path runs)."""
+    plan = sharding_lib.plan_matmul(("batch", "seq")[: x.ndim - 1], x.shape[:-1], axes, layer is not None)
+    if plan is None:
+        return None
+    x_local = sharding_lib.local_shape(x.shape, plan.x)
+    ops_local = [sharding_lib.local_shape(a.shape, plan.weight) for a in operands]
+    if x_local is None or None in ops_local or not int8_matmul.supported(
+            jax.ShapeDtypeStruct(x_local, x.dtype),
+            *[jax.ShapeDtypeStruct(shape, a.dtype) for shape, a in zip(ops_local, operands)], layer=layer):
+        return None
+    reduced = bool(plan.sum_axes or plan.scatter_axes)
+
+    def local(x, *ops):
+        *ops, layer_index = ops if layer is not None else (*ops, None)
+        # partial sums leave the kernel in float32 and are added in float32, as XLA's partitioned dot does
+        y = int8_matmul.matmul(x, *ops, layer=layer_index, out_dtype=jnp.float32 if reduced else out_dtype)
+        if plan.scatter_axes:
+            y = jax.lax.psum_scatter(y, plan.scatter_axes, scatter_dimension=0, tiled=True)
+        if plan.sum_axes:
+            y = jax.lax.psum(y, plan.sum_axes)
+        return y.astype(out_dtype)
+
+    args = [x, *operands] + ([layer] if layer is not None else [])
+    specs = [plan.x, *[plan.weight] * len(operands)] + ([jax.sharding.PartitionSpec()] if layer is not None else [])
+    return sharding_lib.run_local(local, args, specs, plan.out)
 
 
 def reference_matmul(x: jax.Array, weight: dict[str, jax.Array], out_dtype=None,
@@ -81,8 +117,3 @@ def kernel_operands(weight: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
     if "qvalue" in weight:
         return weight["qvalue"], weight["scales"]
     return (weight["kernel"],)
-
-
-def _kernel_applies(x, operands, layer) -> bool:
-    # Under a mesh of several devices the XLA path runs (a shard_map'd kernel is future work).
-    return sharding_lib.traced_devices() == 1 and int8_matmul.supported(x, *operands, layer=layer)

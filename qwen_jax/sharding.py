@@ -9,6 +9,7 @@ runs on any mesh shape and comparing them is a one-word change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -103,13 +104,19 @@ def check(abstract_tree: Any, mesh: Mesh, strategy: str | Rules) -> None:
     flat = traverse_util.flatten_dict(nn.unbox(abstract_tree)) if isinstance(abstract_tree, Mapping) else {}
     names = traverse_util.flatten_dict(nn.get_partition_spec(abstract_tree)) if flat else {}
     for path, spec in flat.items():
-        for size, logical in zip(spec.shape, names[path]):
+        k_dim = 1 if names[path][:1] == ("layers",) else 0  # a linear's input axis (of scales: its groups)
+        for dim, (size, logical) in enumerate(zip(spec.shape, names[path])):
             axes = [a for a in _mesh_axes_of(rules.get(logical)) if a in mesh.shape]
             parts = math.prod(mesh.shape[a] for a in axes)
-            if size % parts:
-                raise ShardingError(
-                    f"strategy {name!r} cannot shard {'/'.join(path)} {list(spec.shape)}: its axis "
-                    f"{logical!r} has size {size}, not divisible by mesh axes {axes} of {parts} devices")
+            if size % parts == 0:
+                continue
+            what = f"size {size}, not divisible by mesh axes {axes} of {parts} devices"
+            if path[-1] == "scales" and dim == k_dim:
+                group = flat[path[:-1] + ("qvalue",)].shape[dim] // size
+                what = (f"{size} groups of {group} inputs (a scales row each), not divisible by mesh axes {axes} "
+                        f"of {parts} devices: each shard must hold whole groups")
+            raise ShardingError(f"strategy {name!r} cannot shard {'/'.join(path)} {list(spec.shape)}: its axis "
+                                f"{logical!r} has {what}")
 
 
 def shardings(abstract_tree: Any, mesh: Mesh, rules: str | Rules) -> Any:
@@ -123,13 +130,111 @@ def named_sharding(mesh: Mesh, rules: str | Rules, logical_axes: Sequence[str | 
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def traced_devices() -> int:
-    """How many devices the mesh being traced under (`activate`) spans; 1 outside any mesh.
+def under_mesh() -> bool:
+    """Whether a mesh is being traced under (`activate`): then kernels run under `shard_map` (below), on a 1×1 mesh
+    too, where that is the whole array."""
+    return not jax.sharding.get_abstract_mesh().empty
 
-    Custom calls (Pallas kernels, cuDNN attention) run only where this is 1: XLA's SPMD partitioner cannot see
-    into them and would gather their sharded operands."""
+
+# --- kernels on the local shards -------------------------------------------------------------------------------------
+# XLA's SPMD partitioner cannot see into a custom call (a Pallas kernel, cuDNN attention): under a mesh it would
+# gather the sharded operands first. So a kernel runs under `shard_map` instead, on the shards the rules place on
+# each device, with in/out specs derived from the same rules as the arrays themselves: no strategy has code here.
+
+
+def _active_axes(logical: str | None) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that the rules in force map a logical axis to, while tracing under `activate`."""
     mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else mesh.size
+    if logical is None or mesh.empty:
+        return ()
+    rules = dict(nn.get_logical_axis_rules())
+    return tuple(a for a in _mesh_axes_of(rules.get(logical)) if mesh.shape.get(a, 1) > 1)
+
+
+def _entry(axes: Sequence[str]):
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _distinct(specs: Sequence[Sequence[tuple[str, ...]]]) -> bool:
+    """Whether no mesh axis splits two dimensions of one array (a PartitionSpec allows each axis once)."""
+    return all(len(set(a for dim in spec for a in dim)) == sum(len(dim) for dim in spec) for spec in specs)
+
+
+def local_shape(shape: Sequence[int], spec: PartitionSpec) -> tuple[int, ...] | None:
+    """The shard shape of a [shape] array under `spec` on the traced mesh; None if a split does not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    out = []
+    for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        parts = math.prod(mesh.shape[a] for a in _mesh_axes_of(entry))
+        if size % parts:
+            return None
+        out.append(size // parts)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalMatmul:
+    """How y [*batch, *N] = x [*batch, K] @ W [(L,) K, *N] runs on local shards: W as placed, x split along K like
+    W's K axis, each device's product summed over the mesh axes that split K — reduce-scattered along the first
+    batch dimension over those that the rules put there, all-reduced over the rest."""
+
+    x: PartitionSpec
+    weight: PartitionSpec
+    out: PartitionSpec
+    sum_axes: tuple[str, ...]
+    scatter_axes: tuple[str, ...]
+
+
+def _size(axes: Sequence[str]) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def plan_matmul(batch_names: Sequence[str], batch_shape: Sequence[int], weight_names: Sequence[str],
+                stacked: bool) -> LocalMatmul | None:
+    """The `LocalMatmul` for an activation with leading logical axes `batch_names` (sizes `batch_shape`) and a weight
+    with logical axes `weight_names` (K first; a stack's "layers" axis not included), under the mesh and rules in
+    force; None where no kernel applies (a stack's layers axis split). A batch dimension too small for its split is
+    computed whole on each device, as XLA would."""
+    if stacked and _active_axes("layers"):
+        return None
+    w_dims = [_active_axes(name) for name in weight_names]
+    k_axes, n_dims = w_dims[0], w_dims[1:]
+    taken = set(k_axes) | {a for dim in n_dims for a in dim}
+    kept = []
+    for name, size in zip(batch_names, batch_shape):
+        axes = tuple(a for a in _active_axes(name) if a not in taken)
+        kept.append(axes if size % _size(axes) == 0 else ())
+    scatter = ()
+    if batch_names:
+        scatter = tuple(a for a in k_axes if a in _active_axes(batch_names[0]))
+        if batch_shape[0] % _size(kept[0] + scatter):
+            scatter = ()
+    out_batch = [kept[0] + scatter, *kept[1:]] if batch_names else []
+    if not _distinct([w_dims, [*kept, k_axes], [*out_batch, *n_dims]]):
+        return None
+    return LocalMatmul(
+        x=PartitionSpec(*map(_entry, kept), _entry(k_axes)),
+        weight=PartitionSpec(*([None] if stacked else []), *map(_entry, w_dims)),
+        out=PartitionSpec(*map(_entry, out_batch), *map(_entry, n_dims)),
+        sum_axes=tuple(a for a in k_axes if a not in scatter), scatter_axes=scatter)
+
+
+def local_specs(names_per_array: Sequence[Sequence[str | None]]) -> list[PartitionSpec] | None:
+    """PartitionSpecs of arrays with these logical axes under the mesh and rules in force; None if the rules would
+    split two dimensions of one array over the same mesh axis."""
+    dims = [[_active_axes(name) for name in names] for names in names_per_array]
+    if not _distinct(dims):
+        return None
+    return [PartitionSpec(*map(_entry, spec)) for spec in dims]
+
+
+def run_local(fn, args: Sequence[Any], in_specs: Sequence[PartitionSpec], out_specs: Any):
+    """`fn(*args)` on each device's shards of `args` (specs from `plan_matmul` / `local_specs`), on the traced mesh.
+
+    Replication is not type-checked (check_vma off): a Pallas call does not declare how its outputs vary."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=False)(*args)
 
 
 @contextlib.contextmanager

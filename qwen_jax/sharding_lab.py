@@ -4,7 +4,12 @@
     print(format_table(rows))
 
 Collectives are read from the compiled HLO of one decode step (the program XLA will run), not from a model of
-what the strategy should do.
+what the strategy should do; each report says whether the step ran the Pallas kernels or the XLA path.
+
+Without the GPUs a mesh needs, `predict` estimates a step from the per-device program timed on one GPU
+(`tp_shard_config`: the shard shapes one device of a tensor-parallel mesh holds) plus the collectives of the
+strategy's compiled step (`abstract_collectives`, compiled for a mesh of simulated CPU devices), costed by a stated
+`Interconnect` model.
 """
 
 from __future__ import annotations
@@ -50,11 +55,9 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
     return computations, entry
 
 
-def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """{op: (count, bytes of results)} that one run of compiled HLO executes (async starts counted once).
-
-    A collective inside a loop body with a known trip count (the layer loop) counts once per iteration.
-    """
+def _per_run(hlo_text: str, pattern: re.Pattern) -> dict[str, list[int]]:
+    """{match group "op": [count, result bytes]} of the instructions matching `pattern` that one run of compiled HLO
+    executes: an instruction inside a loop body with a known trip count (the layer loop) counts once per iteration."""
     computations, entry = _computations(hlo_text)
     found: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
 
@@ -63,7 +66,7 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
             loop = _WHILE.search(line)
             if loop:
                 visit(loop["body"], times * int(loop["n"]))
-            match = _COLLECTIVE_LINE.search(line)
+            match = pattern.search(line)
             if match:
                 nbytes = sum(_DTYPE_BYTES.get(a["dtype"], 4) * int(np.prod([int(d) for d in a["dims"].split(",") if d]))
                              for a in _ARRAY.finditer(match["shape"]))
@@ -71,7 +74,20 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
                 found[match["op"]][1] += times * nbytes
 
     visit(entry, 1)
-    return {op: tuple(v) for op, v in found.items()}
+    return found
+
+
+def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """{op: (count, bytes of results)} that one run of compiled HLO executes (async starts counted once)."""
+    return {op: tuple(v) for op, v in _per_run(hlo_text, _COLLECTIVE_LINE).items()}
+
+
+_TRITON_CALL = re.compile(r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>custom-call)\(.*custom_call_target=\"__gpu\$xla\.gpu\.triton\"")
+
+
+def kernel_calls(hlo_text: str) -> int:
+    """How many Pallas (Triton) kernels one run of compiled HLO launches."""
+    return _per_run(hlo_text, _TRITON_CALL).get("custom-call", [0])[0]
 
 
 def bytes_per_device(tree) -> list[int]:
@@ -93,10 +109,12 @@ class Report:
     cache_bytes: list[int]  # per device
     collectives: dict[str, tuple[int, int]]
     step_ms: float
+    kernel_calls: int  # Pallas (Triton) custom calls one step runs: 0 means the XLA path ran
 
     def row(self) -> dict:
         coll = ", ".join(f"{op} ×{n} ({b / 1024:.1f} KiB)" for op, (n, b) in sorted(self.collectives.items()))
         return {"strategy": self.strategy, "mesh": self.mesh, "batch": self.batch,
+                "path": f"kernels ×{self.kernel_calls}" if self.kernel_calls else "XLA",
                 "params MiB/device": f"{max(self.param_bytes) / 2**20:.2f}",
                 "cache MiB/device": f"{max(self.cache_bytes) / 2**20:.2f}",
                 "collectives per step": coll or "none", "step ms": f"{self.step_ms:.2f}"}
@@ -120,7 +138,8 @@ def report(model: QwenModel, strategy: str, batch: int = 1, kv_len: int = 256, s
     positions = jnp.full((batch, 1), kv_len // 2, jnp.int32)
     step = decode_step_fn(model)
     compiled = step.lower(model.params, tokens, positions, cache).compile()
-    found = collectives(compiled.as_text())
+    hlo = compiled.as_text()
+    found = collectives(hlo)
     cache_bytes = bytes_per_device(cache)
     _, cache = jax.block_until_ready(compiled(model.params, tokens, positions, cache))  # warm-up
     times = []
@@ -130,7 +149,73 @@ def report(model: QwenModel, strategy: str, batch: int = 1, kv_len: int = 256, s
         times.append(time.perf_counter() - start)
     mesh = "×".join(f"{model.mesh.shape[a]}" for a in model.mesh.axis_names) if model.mesh is not None else "1"
     return Report(strategy, mesh, batch, kv_len, bytes_per_device(model.params), cache_bytes, found,
-                  statistics.median(times) * 1e3)
+                  statistics.median(times) * 1e3, kernel_calls(hlo))
+
+
+# --- predicting a mesh's step time without its GPUs ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Interconnect:
+    """A stated cost model of collectives: each costs `latency_s`, plus its ring algorithm's bytes per device over
+    `bandwidth` (bytes/s each device sends, what a large NCCL all-reduce reaches as "bus bandwidth"): an all-reduce
+    moves 2(n−1)/n of its message, an all-gather (n−1)/n of its result, a reduce-scatter (n−1) results."""
+
+    name: str
+    latency_s: float
+    bandwidth: float
+
+    def seconds(self, found: dict[str, tuple[int, int]], devices: int) -> float:
+        """Time of the collectives `found` (op: (count, result bytes), as `collectives` reads them) on `devices`."""
+        share = (devices - 1) / devices
+        factor = {"all-reduce": 2 * share, "all-gather": share, "reduce-scatter": devices - 1, "all-to-all": share,
+                  "collective-permute": 1.0}
+        return sum(count * self.latency_s + factor[op] * nbytes / self.bandwidth
+                   for op, (count, nbytes) in found.items())
+
+
+# Assumptions, not measurements (no multi-GPU machine was lent): NVLink 4 gives each H100/H200 SXM 450 GB/s per
+# direction, of which NCCL's ring all-reduce reaches ~360 GB/s of bus bandwidth on 8 GPUs; a small all-reduce costs
+# ~10 µs on the NVSwitch (NCCL's low-latency protocol). Decode messages are small, so the latency term dominates.
+INTERCONNECTS = {"H100": Interconnect("NVLink 4 via NVSwitch, H100 SXM", 10e-6, 360e9),
+                 "H200": Interconnect("NVLink 4 via NVSwitch, H200 SXM", 10e-6, 360e9)}
+
+
+def tp_shard_config(config, devices: int):
+    """The config of what one device of a `devices`-way Megatron tensor-parallel mesh holds and runs: 1/n of the
+    heads, of the MLP and of the (vocab-parallel) embedding and lm_head, the full hidden size. Its decode step on
+    one GPU is that device's program, less the collectives."""
+    c = config
+    for name, size in (("heads", c.num_attention_heads), ("intermediate_size", c.intermediate_size // 2),
+                       ("vocab_size", c.vocab_size)):
+        if size % devices:
+            raise sharding_lib.ShardingError(f"{name} {size} does not split {devices} ways")
+    return c.replace(num_attention_heads=c.num_attention_heads // devices,
+                     intermediate_size=c.intermediate_size // devices, vocab_size=c.vocab_size // devices)
+
+
+def abstract_collectives(config, strategy, mesh_shape: tuple[int, int], batch: int, kv_len: int, dtype=jnp.bfloat16,
+                         quant_group: int | None = None, devices=None) -> dict[str, tuple[int, int]]:
+    """The collectives of `strategy`'s compiled decode step for `config` on a data×model mesh of `devices` (default:
+    all), compiled from shapes alone: nothing is allocated, so 72B's step compiles for simulated CPU devices. (On a
+    GPU host, call it where JAX runs on the CPU backend; there the XLA path is compiled, whose collectives the
+    kernel path repeats with float32 partial sums.)"""
+    from qwen_jax.model import abstract_params
+    from qwen_jax.cache import init_cache
+
+    mesh = sharding_lib.make_mesh({"data": mesh_shape[0], "model": mesh_shape[1]},
+                                  (devices or jax.devices())[: mesh_shape[0] * mesh_shape[1]])
+    rules = sharding_lib.get_rules(strategy)
+    boxes = abstract_params(config, dtype, quant_group)
+    sharding_lib.check(boxes, mesh, rules)
+    params = jax.tree_util.tree_map(lambda box, sh: jax.ShapeDtypeStruct(box.value.shape, box.value.dtype, sharding=sh),
+                                    boxes, sharding_lib.shardings(boxes, mesh, rules),
+                                    is_leaf=lambda x: hasattr(x, "names") and hasattr(x, "value"))
+    model = QwenModel(config, params, dtype, quant_group, mesh=mesh, rules=rules)
+    cache = jax.eval_shape(lambda: init_cache(config, batch, kv_len, dtype, mesh, rules))
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    compiled = decode_step_fn(model).lower(model.params, tokens, tokens, cache).compile()
+    return collectives(compiled.as_text())
 
 
 def sweep(path, strategies: Iterable[str], mesh_shapes: Sequence[tuple[int, int]], batch: int = 8,

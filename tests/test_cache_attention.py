@@ -92,10 +92,9 @@ def test_model_decoding_through_the_kernel_equals_the_xla_path(loaded, monkeypat
 
 
 def test_kernel_is_chosen_only_where_it_runs():
-    assert not kv_cache.kernel_applies(jnp.bfloat16, 128, jnp.bfloat16, num_devices=1)  # the CPU backend
+    assert not kv_cache.kernel_applies(jnp.bfloat16, 128, jnp.bfloat16)  # the CPU backend
     if jax.default_backend() == "gpu":
-        assert kv_cache.kernel_applies(jnp.bfloat16, 128, jnp.bfloat16, num_devices=1)
-        assert kv_cache.kernel_applies(jnp.bfloat16, 128, jnp.int8, num_devices=1)
-        assert not kv_cache.kernel_applies(jnp.float32, 128, jnp.float32, num_devices=1)
-        assert not kv_cache.kernel_applies(jnp.bfloat16, 128, jnp.bfloat16, num_devices=2)
-        assert not kv_cache.kernel_applies(jnp.bfloat16, 32, jnp.int8, num_devices=1)  # 8-value planes
+        assert kv_cache.kernel_applies(jnp.bfloat16, 128, jnp.bfloat16)
+        assert kv_cache.kernel_applies(jnp.bfloat16, 128, jnp.int8)
+        assert not kv_cache.kernel_applies(jnp.float32, 128, jnp.float32)
+        assert not kv_cache.kernel_applies(jnp.bfloat16, 32, jnp.int8)  # 8-value planes

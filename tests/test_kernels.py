@@ -114,7 +114,7 @@ def test_default_config_and_large_m_fallback(kind):
     assert _rel_err(km.matmul(x, *quant.kernel_operands(weight)), quant.reference_matmul(x, weight)) < 1e-6
 
 
-@pytest.mark.parametrize("device_kind", [*km._TUNED, "an unknown GPU"])
+@pytest.mark.parametrize("device_kind", [*km._TUNED, "an unknown GPU", None])
 @pytest.mark.parametrize("weight_itemsize", [1, 2])
 def test_default_config_tiles_divide(weight_itemsize, device_kind):
     for m, k, n in [(1, 8192, 24576), (16, 8192, 8192), (64, 24576, 8192), (4, 8192, 49152), (7, 1024, 192)]:
@@ -133,8 +133,9 @@ def test_default_config_is_looked_up_by_device_kind():
             assert km.default_config(m, 8192, 49152, 128, kind=kind) == km._TUNED[kind][(8192, 49152, bucket)]
     assert km.default_config(1, 8192, 49152, 128, kind=h100) != km.default_config(1, 8192, 49152, 128, kind=h200)
     heuristic = km.default_config(1, 8192, 49152, 128, kind="NVIDIA A100-SXM4-80GB")
-    assert heuristic == km.default_config(1, 8192, 49152, 128, kind=None) == km.Config(16, 128, 1, 1)
-    assert heuristic.convert == "cvt"
+    assert heuristic == km.Config(16, 128, 1, 1) and heuristic.convert == "cvt"
+    assert km.default_config(1, 8192, 8192, 128, kind="NVIDIA A100-SXM4-80GB") == km.Config(16, 128, 1, 4)
+    assert km.default_config(1, 8192, 8192, 128, kind=None) == km.Config(16, 512, 1, 1)  # the CPU's interpreter
     assert km.default_config(1, 4096, 4096, 128, kind=h200) == km.default_config(1, 4096, 4096, 128, kind="x")
     assert km.default_config(1, 8192, 49152, 64, kind=h200) == km.default_config(1, 8192, 49152, 64, kind="x")
 

@@ -45,9 +45,11 @@ def default_config(seq: int, n: int = 1) -> Config:
     """Measured on the H100 (benchmarks/attention_gpu.py --sweep, 8192 slots): at decode the configs within 10% of
     the best all had 4 warps or fewer, and 64 slots per step was among them for both caches; for a 256-token chunk
     4 warps won, with 64 slots for bf16 and 128 for int8 words (470 vs 689 µs)."""
+    # Off a GPU, Pallas's interpreter runs programs one after another: no slot splits.
+    min_programs = 528 if jax.default_backend() == "gpu" else 1
     if seq <= 16:
-        return Config(block_s=16, block_t=64)
-    return Config(block_s=64, block_t=128 if n > 1 else 64)
+        return Config(block_s=16, block_t=64, min_programs=min_programs)
+    return Config(block_s=64, block_t=128 if n > 1 else 64, min_programs=min_programs)
 
 
 def planes(cache_dtype) -> int:

@@ -276,18 +276,22 @@ def device_kind() -> str | None:
 
 
 def default_config(m: int, k: int, n: int, group: int, weight_itemsize: int = 1, kind: str | None = None) -> Config:
-    """The config tuned on this device kind (default: the current device's) for this shape if one was measured,
-    else a safe heuristic: the compiler's conversion, 16- or 64-row tiles, 128 columns, one group per step, K split
-    until there are ≥ 256 programs.
+    """The config tuned on this device kind (default: the current device's; None off a GPU) for this shape if one
+    was measured, else a safe heuristic: the compiler's conversion, 16- or 64-row tiles, 128 columns, one group per
+    step, K split until there are ≥ 256 programs (off a GPU: whole-K programs of up to 512 columns).
 
     Float weights (weight_itemsize 2) were not tuned on the device yet: they take the int8 config of their shape
     with one group per step, so that a step moves at most twice an int8 winner's bytes (the winners take 1 or 2),
     and the compiler's conversion (the PTX conversions are for int8).
     """
     bucket = next((b for b in _M_BUCKETS if m <= b), None)
-    tuned = _TUNED.get(kind if kind is not None else device_kind(), {})
+    kind = kind if kind is not None else device_kind()
+    tuned = _TUNED.get(kind, {})
     if bucket is not None and group == 128 and (k, n, bucket) in tuned:  # tuned with group 128
         cfg = tuned[(k, n, bucket)]
+    elif kind is None:  # no GPU: Pallas's interpreter runs the programs one after another, so the fewest win
+        bn = next(b for b in (512, 256, 128, 64) if n % b == 0)
+        cfg = Config(16 if m <= 16 else 64, bn, 1, 1)
     else:
         bm = 16 if m <= 16 else 64
         bn = 128 if n % 128 == 0 else 64
@@ -304,26 +308,30 @@ def _offsets_wrap(shape, dtype) -> bool:
     return math.prod(shape) > 2**31 and math.prod(shape) * jnp.dtype(dtype).itemsize <= 2**32
 
 
-def _weight_fits(weight: jax.Array, scales: jax.Array | None, k: int, lead: int) -> bool:
-    """Int8 values with a power-of-2 group ≥ 16, or a 2-byte float weight whose K is a multiple of FLOAT_GROUP."""
+def _weight_fits(weight: jax.Array, scales: jax.Array | None, k: int, lead: int, any_float: bool) -> bool:
+    """Int8 values with a power-of-2 group ≥ 16, or a float weight (2-byte unless `any_float`) whose K is a multiple
+    of FLOAT_GROUP."""
     if scales is None:
-        return jnp.issubdtype(weight.dtype, jnp.floating) and weight.dtype.itemsize == 2 and k % FLOAT_GROUP == 0
+        return (jnp.issubdtype(weight.dtype, jnp.floating) and (any_float or weight.dtype.itemsize == 2)
+                and k % FLOAT_GROUP == 0)
     groups = scales.shape[lead] if scales.ndim == weight.ndim else 0
     group = k // groups if groups and k % groups == 0 else 0
     return weight.dtype == jnp.int8 and group >= 16 and group & (group - 1) == 0
 
 
-def supported(x: jax.Array, weight: jax.Array, scales: jax.Array | None = None, *, layer=None) -> bool:
+def supported(x: jax.Array, weight: jax.Array, scales: jax.Array | None = None, *, layer=None,
+              interpret: bool = False) -> bool:
     """Whether `matmul` can run this on the current backend (GPU; x bf16/f16; int8 values with a power-of-2 group,
-    or a bf16/f16 weight (scales None) with K % FLOAT_GROUP == 0; N % 64 == 0; no single int8 weight of 2–4 GiB)."""
-    if jax.default_backend() != "gpu":
+    or a bf16/f16 weight (scales None) with K % FLOAT_GROUP == 0; N % 64 == 0; no single int8 weight of 2–4 GiB).
+    `interpret=True`: whether Pallas's interpreter can (the CPU tests): the same tiling rules, any backend and float
+    dtype."""
+    if not interpret and (jax.default_backend() != "gpu" or x.dtype not in (jnp.bfloat16, jnp.float16)):
         return False
     lead = 0 if layer is None else 1
     if weight.ndim < lead + 2 or weight.shape[lead] != x.shape[-1]:
         return False
     return (
-        x.dtype in (jnp.bfloat16, jnp.float16)
-        and _weight_fits(weight, scales, weight.shape[lead], lead)
+        _weight_fits(weight, scales, weight.shape[lead], lead, any_float=interpret)
         and math.prod(weight.shape[lead + 1:]) % 64 == 0
         and not _offsets_wrap(weight.shape[lead:], weight.dtype)
     )
