@@ -128,7 +128,7 @@ def factor_specs(config: QwenConfig, targets: Sequence[Target], r: int) -> dict:
     for t in targets:
         k, out = t.shapes(config)
         lead, lead_axes = ((config.num_hidden_layers,), ("layers",)) if t.stacked else ((), ())
-        _set(tree, t.key, {
+        put(tree, t.key, {
             "a": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((*lead, k, r), jnp.float32),
                                          (*lead_axes, t.in_axis, "lora_rank")),
             "b": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((*lead, r, *out), jnp.float32),
@@ -221,7 +221,7 @@ def merge(params: dict, factors: dict, scale: float) -> dict:
 PART_INDEX = {"w1": 0, "w2": 1}  # mlp/w1w2's out axis 0 (model.MLP)
 
 
-def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
+def put(tree: dict, key: tuple[str, ...], value: Any) -> None:
     for name in key[:-1]:
         tree = tree.setdefault(name, {})
     tree[key[-1]] = value
