@@ -83,9 +83,10 @@ def read_config(directory: Path) -> lora.LoraConfig:
         raise AdapterError(f"{path}: cannot read the adapter config ({e})") from None
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type {raw.get('peft_type')!r}, only 'LORA' adapters are supported")
-    refused = {"use_dora": lambda v: bool(v), "rank_pattern": bool, "alpha_pattern": bool,
-               "modules_to_save": bool, "layers_to_transform": lambda v: v is not None,
-               "bias": lambda v: v not in (None, "none"), "fan_in_fan_out": bool}
+    refused = {"use_dora": bool, "rank_pattern": bool, "alpha_pattern": bool, "modules_to_save": bool,
+               "layers_to_transform": lambda v: v is not None, "bias": lambda v: v not in (None, "none"),
+               "fan_in_fan_out": bool, "lora_bias": bool, "exclude_modules": bool, "layer_replication": bool,
+               "trainable_token_indices": bool, "target_parameters": bool, "use_qalora": bool}
     for key, is_used in refused.items():
         if key in raw and is_used(raw[key]):
             raise AdapterError(f"{path}: {key}={raw[key]!r} is not supported by qwen_jax adapters")

@@ -144,22 +144,21 @@ def shardings(specs: dict, mesh: Mesh, rules) -> dict:
 
 def init(key: jax.Array, specs: dict, mesh: Mesh, rules) -> dict:
     """PEFT's initialization, placed by the rules: a ~ U(±1/sqrt(K)) (kaiming_uniform, a=sqrt(5)), b = 0."""
-    leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    placed = jax.tree_util.tree_leaves(shardings(specs, mesh, rules))
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
-        specs, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]]
-    out = []
-    for path, box, sharding in zip(paths, leaves, placed):
-        shape, names = box.value.shape, box.names
-        if names[-1] == "lora_rank":  # a: [.., K, r]
-            bound = 1.0 / math.sqrt(shape[-2])
-            k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()))
-            make = jax.jit(lambda k, s=shape, b=bound: jax.random.uniform(k, s, jnp.float32, -b, b),
-                           out_shardings=sharding)
-            out.append(make(k))
-        else:
-            out.append(jax.jit(lambda s=shape: jnp.zeros(s, jnp.float32), out_shardings=sharding)())
-    return jax.tree_util.tree_unflatten(treedef, out)
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    boxes, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_box)
+
+    def make(key):
+        out = []
+        for i, box in enumerate(boxes):
+            shape = box.value.shape
+            if box.names[-1] == "lora_rank":  # a: [.., K, r]
+                bound = 1.0 / math.sqrt(shape[-2])
+                out.append(jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound))
+            else:
+                out.append(jnp.zeros(shape, jnp.float32))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return jax.jit(make, out_shardings=shardings(specs, mesh, rules))(key)
 
 
 def attach(params: dict, factors: dict, scale: float, dropout_rate: float = 0.0,
