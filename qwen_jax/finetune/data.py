@@ -52,8 +52,9 @@ class Dataset:
 
 
 def encode_conversation(tokenizer: QwenTokenizer, turns: Sequence[dict], system: str = DEFAULT_SYSTEM
-                        ) -> tuple[list[int], list[int]]:
-    """One checked conversation -> (input ids, labels), by Qwen's `preprocess` rules (module docstring)."""
+                        ) -> tuple[list[int], list[int], int]:
+    """One checked conversation -> (input ids, labels, index of the first answer token), by Qwen's `preprocess`
+    rules (module docstring)."""
     nl = tokenizer.encode("\n")
     start, end = tokenizer.im_start_id, tokenizer.im_end_id
 
@@ -65,11 +66,14 @@ def encode_conversation(tokenizer: QwenTokenizer, turns: Sequence[dict], system:
         return ids, [start] + [IGNORE] * (len(head) - 1) + kept + [end] + nl
 
     ids, labels = turn("system", system)
+    first_answer = None
     for t in turns:
         turn_ids, turn_labels = turn(t["from"], t["value"])
+        if first_answer is None and t["from"] == "assistant":
+            first_answer = len(ids) + len(tokenizer.encode("assistant")) + len(nl) + 1  # past "<|im_start|>assistant\n"
         ids += turn_ids
         labels += turn_labels
-    return ids, labels
+    return ids, labels, first_answer
 
 
 def check_sample(raw, index: int) -> tuple[str, list[dict]]:
@@ -116,7 +120,7 @@ def load_dataset(path: str | Path, tokenizer: QwenTokenizer, max_len: int, on_er
 
     on_error: "skip" (report and leave the sample out) or "raise" (DataError at the first bad sample).
     on_overlong, for a sample of more than `max_len` tokens: "truncate" (Qwen's behaviour: the first max_len
-    tokens; reported), "skip" or "raise". A sample left with no trained label after truncation is skipped.
+    tokens; reported), "skip" or "raise". A sample truncated before its first answer token is skipped.
     """
     if on_error not in ON_ERROR or on_overlong not in ON_OVERLONG:
         raise ValueError(f"on_error must be one of {ON_ERROR} and on_overlong one of {ON_OVERLONG}")
@@ -133,7 +137,7 @@ def load_dataset(path: str | Path, tokenizer: QwenTokenizer, max_len: int, on_er
         except DataError as e:
             bad(str(e))
             continue
-        ids, labels = encode_conversation(tokenizer, turns, system)
+        ids, labels, first_answer = encode_conversation(tokenizer, turns, system)
         if len(ids) > max_len:
             message = f"sample {sample_id!r} (#{index}): {len(ids)} tokens, more than max_len {max_len}"
             if on_overlong == "raise":
@@ -142,10 +146,10 @@ def load_dataset(path: str | Path, tokenizer: QwenTokenizer, max_len: int, on_er
                 problems.append(f"skipped: {message}")
                 continue
             problems.append(f"truncated: {message}")
-            ids, labels = ids[:max_len], labels[:max_len]
-            if all(label == IGNORE for label in labels[1:]):
-                problems.append(f"skipped: sample {sample_id!r} (#{index}): no trained token within max_len")
+            if first_answer >= max_len:
+                problems.append(f"skipped: sample {sample_id!r} (#{index}): no answer token within max_len")
                 continue
+            ids, labels = ids[:max_len], labels[:max_len]
         samples.append(Sample(sample_id, np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
     if not samples:
         raise DataError(f"{path}: no usable sample ({len(problems)} rejected: {problems[:3]})")
