@@ -90,6 +90,10 @@ class QwenV1(nn.Module):
         self.load_state_dict(state, strict=True)
         self.eval()
 
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """peft's causal-LM wrapper reads this hook (QWenLMHeadModel has it); no cache: the whole prefix."""
+        return {"input_ids": input_ids}
+
     def forward(self, input_ids):
         x = self.transformer.wte(input_ids)
         for block in self.transformer.h:

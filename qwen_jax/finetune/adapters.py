@@ -9,6 +9,7 @@ apply (DoRA, per-module rank or alpha, modules_to_save, trained biases, a subset
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,8 +19,10 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from qwen_jax import sharding as sharding_lib
 from qwen_jax.config import QwenConfig
 from qwen_jax.finetune import lora
+from qwen_jax.model import QwenModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -147,3 +150,16 @@ def load(directory: str | Path, config: QwenConfig) -> tuple[lora.LoraConfig, di
     if extra:
         raise AdapterError(f"{path}: tensors for modules not in target_modules, e.g. {extra[0][0]}")
     return lora_config, factors
+
+
+def apply(model: QwenModel, lora_config: lora.LoraConfig, host_factors: dict) -> QwenModel:
+    """`model` serving an adapter (as `load` returns it): merged into float weights, kept separate on an int8 base
+    (its factors placed by the model's rules, like training places them)."""
+    mesh = model.mesh or sharding_lib.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
+    specs = lora.factor_specs(model.config, lora.select(model.config, lora_config), lora_config.r)
+    factors = jax.tree_util.tree_map(jax.device_put, host_factors, lora.shardings(specs, mesh, model.rules))
+    if model.quant_group is None:
+        params = lora.merge(model.params, factors, lora_config.scale)
+    else:
+        params = lora.attach(model.params, factors, lora_config.scale)
+    return dataclasses.replace(model, params=params)

@@ -12,6 +12,7 @@ applied when the factors are attached, so gradients are those of PEFT's paramete
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import zlib
@@ -191,30 +192,30 @@ def delta_weight(factors: dict) -> jax.Array:
     return dw.reshape(*a.shape[:-1], *out)
 
 
-def merge(params: dict, factors: dict, scale: float) -> dict:
-    """Float base parameters with W + scale · a @ b folded in (in float32, rounded once to W's dtype)."""
+@functools.partial(jax.jit, static_argnames=("part_index",))
+def _merged_kernel(kernel, a, b, scale, part_index=None):
+    dw = scale * delta_weight({"a": a, "b": b})
+    w = kernel.astype(jnp.float32)
+    w = w + dw if part_index is None else w.at[..., part_index, :].add(dw)
+    return w.astype(kernel.dtype)
 
-    def merged(kernel, f, part_index=None):
-        dw = scale * delta_weight(f)
-        w = kernel.astype(jnp.float32)
-        if part_index is None:
-            return (w + dw).astype(kernel.dtype)
-        return w.at[..., part_index, :].add(dw).astype(kernel.dtype)
+
+def merge(params: dict, factors: dict, scale: float) -> dict:
+    """Float base parameters with W + scale · a @ b folded in (in float32, rounded once to W's dtype), one kernel
+    at a time (peak memory: one extra kernel stack)."""
 
     def walk(p: dict, f: dict, path: tuple[str, ...]) -> dict:
         if "qvalue" in p:
             raise ValueError(f"{'/'.join(path)} is int8: an adapter is merged into float weights only; "
                              "on an int8 base it is kept separate (attach)")
         if "kernel" in p:
-            if "a" in f:
-                return {**p, "kernel": merged(p["kernel"], f)}
             kernel = p["kernel"]
-            for part, sub in f.items():
-                kernel = merged(kernel, sub, PART_INDEX[part])
+            for part, sub in ([(None, f)] if "a" in f else f.items()):
+                kernel = _merged_kernel(kernel, sub["a"], sub["b"], scale, PART_INDEX.get(part))
             return {**p, "kernel": kernel}
         return {**p, **{name: walk(p[name], sub, path + (name,)) for name, sub in f.items()}}
 
-    return jax.jit(lambda p, f: walk(p, f, ()))(params, factors)
+    return walk(params, factors, ())
 
 
 PART_INDEX = {"w1": 0, "w2": 1}  # mlp/w1w2's out axis 0 (model.MLP)
