@@ -18,7 +18,7 @@ R, ALPHA = 4, 8.0
 def _factors(config, mesh):
     """Random a and b (peft starts b at 0, which would leave every a-gradient 0 and test nothing)."""
     specs = lora.factor_specs(config, lora.select(config, lora.LoraConfig(r=R, alpha=ALPHA)), R)
-    factors = lora.init(jax.random.key(0), specs, mesh, ())
+    factors = lora.init(0, specs, mesh, ())
     rng = np.random.default_rng(3)
     return jax.tree_util.tree_map_with_path(
         lambda p, x: x if p[-1].key == "a" else (0.2 * rng.standard_normal(x.shape)).astype(np.float32), factors)

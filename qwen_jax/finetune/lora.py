@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from qwen_jax import sharding as sharding_lib
@@ -143,23 +144,23 @@ def shardings(specs: dict, mesh: Mesh, rules) -> dict:
     return sharding_lib.shardings(specs, mesh, rules)
 
 
-def init(key: jax.Array, specs: dict, mesh: Mesh, rules) -> dict:
-    """PEFT's initialization, placed by the rules: a ~ U(±1/sqrt(K)) (kaiming_uniform, a=sqrt(5)), b = 0."""
+def init(seed: int, specs: dict, mesh: Mesh, rules) -> dict:
+    """PEFT's initialization, placed by the rules: a ~ U(±1/sqrt(K)) (kaiming_uniform, a=sqrt(5)), b = 0.
+
+    Drawn on the host with NumPy, one generator per factor seeded by (seed, its path): no compilation, and the
+    values do not depend on the mesh."""
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-    boxes, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_box)
+    placed = shardings(specs, mesh, rules)
 
-    def make(key):
-        out = []
-        for i, box in enumerate(boxes):
-            shape = box.value.shape
-            if box.names[-1] == "lora_rank":  # a: [.., K, r]
-                bound = 1.0 / math.sqrt(shape[-2])
-                out.append(jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound))
-            else:
-                out.append(jnp.zeros(shape, jnp.float32))
-        return jax.tree_util.tree_unflatten(treedef, out)
+    def make(path, box, sharding):
+        shape = box.value.shape
+        if box.names[-1] != "lora_rank":  # b: [.., r, *out]
+            return jax.device_put(np.zeros(shape, np.float32), sharding)
+        bound = 1.0 / math.sqrt(shape[-2])  # a: [.., K, r]
+        rng = np.random.default_rng([seed, zlib.crc32(jax.tree_util.keystr(path).encode())])
+        return jax.device_put(rng.uniform(-bound, bound, shape).astype(np.float32), sharding)
 
-    return jax.jit(make, out_shardings=shardings(specs, mesh, rules))(key)
+    return jax.tree_util.tree_map_with_path(make, specs, placed, is_leaf=is_box)
 
 
 def attach(params: dict, factors: dict, scale: float, dropout_rate: float = 0.0,

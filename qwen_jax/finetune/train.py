@@ -22,15 +22,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.finetune import adapters, data, lora, objective, state
-from qwen_jax.model import QwenModel
+from qwen_jax.model import Qwen, QwenModel
 from qwen_jax.tokenizer import QwenTokenizer
 
 
@@ -74,63 +76,117 @@ def optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTr
     return optax.MultiSteps(inner, every_k_schedule=config.grad_accum)
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What the jitted training functions depend on, hashable: runs of the same model, config, length and placement
+    (a rerun, a resume in the same process) reuse their compilations."""
+
+    module: Qwen
+    config: TrainConfig
+    total_steps: int
+    mesh: Mesh
+    rules: sharding_lib.Rules
+
+    @functools.cached_property
+    def specs(self) -> dict:
+        c = self.module.config
+        return lora.factor_specs(c, lora.select(c, self.config.lora), self.config.lora.r)
+
+    @functools.cached_property
+    def factor_shardings(self) -> dict:
+        return lora.shardings(self.specs, self.mesh, self.rules)
+
+    @functools.cached_property
+    def optimizer(self) -> optax.GradientTransformation:
+        return optimizer(self.config, schedule(self.config, self.total_steps))
+
+    @functools.cached_property
+    def state_shardings(self):
+        """The optimizer's moments placed like their factors, its counters replicated."""
+        abstract = jax.tree_util.tree_map(lambda box: box.value, self.specs, is_leaf=_is_box)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return optax.tree_map_params(self.optimizer, lambda _, sharding: sharding,
+                                     jax.eval_shape(self.optimizer.init, abstract), self.factor_shardings,
+                                     transform_non_params=lambda _: replicated)
+
+    def loss(self, factors, base, ids, labels, dropout_key=None):
+        return objective.loss(factors, base, ids, labels, module=self.module, scale=self.config.lora.scale,
+                              dropout_rate=self.config.lora.dropout, dropout_key=dropout_key, mesh=self.mesh,
+                              rules=self.rules)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+def _train_step(program: Program, factors, opt_state, base, ids, labels, key):
+    (value, (total, count)), grads = jax.value_and_grad(program.loss, has_aux=True)(factors, base, ids, labels, key)
+    updates, opt_state = program.optimizer.update(grads, opt_state, factors)
+    factors = optax.apply_updates(factors, updates)
+    # Outputs placed exactly as the inputs were, so that the next step reuses this compilation.
+    factors = jax.lax.with_sharding_constraint(factors, program.factor_shardings)
+    opt_state = jax.lax.with_sharding_constraint(opt_state, program.state_shardings)
+    return factors, opt_state, {"loss": value, "nll": total, "labels": count, "grad_norm": optax.tree.norm(grads)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _grads(program: Program, factors, base, ids, labels):
+    value, grads = jax.value_and_grad(program.loss, has_aux=True)(factors, base, ids, labels)
+    return grads, value
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval(program: Program, factors, base, ids, labels):
+    return program.loss(factors, base, ids, labels)[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_opt(program: Program, factors):
+    return jax.lax.with_sharding_constraint(program.optimizer.init(factors), program.state_shardings)
+
+
 class Trainer:
-    """The jitted pieces of training one model with one LoRA config: init, loss and gradients, a step, eval."""
+    """Training one model with one LoRA config: init, loss and gradients, a step, eval (jitted per `Program`)."""
 
     def __init__(self, model: QwenModel, config: TrainConfig, total_steps: int):
         self.model, self.config = model, config
-        self.mesh = model.mesh if model.mesh is not None else sharding_lib.make_mesh(
+        mesh = model.mesh if model.mesh is not None else sharding_lib.make_mesh(
             {"data": 1, "model": 1}, jax.devices()[:1])
-        self.rules = tuple(model.rules)
-        self.module = dataclasses.replace(model.module, remat=config.remat)
+        self.program = Program(dataclasses.replace(model.module, remat=config.remat), config, total_steps, mesh,
+                               tuple(model.rules))
         self.targets = lora.select(model.config, config.lora)
-        self.specs = lora.factor_specs(model.config, self.targets, config.lora.r)
-        self.factor_shardings = lora.shardings(self.specs, self.mesh, self.rules)
-        self.batch_sharding = sharding_lib.named_sharding(self.mesh, self.rules, ("batch", "seq"))
-        self.schedule = schedule(config, total_steps)
-        self.optimizer = optimizer(config, self.schedule)
-        loss = functools.partial(objective.loss, module=self.module, scale=config.lora.scale,
-                                 dropout_rate=config.lora.dropout, mesh=self.mesh, rules=self.rules)
-        self._value_and_grad = jax.value_and_grad(loss, has_aux=True)
-        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
-        self._grads = jax.jit(lambda f, base, ids, labels: self._value_and_grad(f, base, ids, labels)[::-1])
-        self._eval = jax.jit(lambda f, base, ids, labels: loss(f, base, ids, labels)[1])
-        self._init_opt = jax.jit(self.optimizer.init)
+        self.specs, self.schedule = self.program.specs, schedule(config, total_steps)
+        self.batch_sharding = sharding_lib.named_sharding(mesh, self.program.rules, ("batch", "seq"))
 
-    def init(self, key: jax.Array) -> tuple[dict, optax.OptState]:
-        factors = lora.init(key, self.specs, self.mesh, self.rules)
-        return factors, self._init_opt(factors)
+    def init(self, seed: int) -> tuple[dict, optax.OptState]:
+        factors = lora.init(seed, self.specs, self.program.mesh, self.program.rules)
+        return factors, _init_opt(self.program, factors)
 
     def place(self, factors: dict) -> dict:
         """Host or device factors placed by the rules, float32."""
         return jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), factors,
-                                      self.factor_shardings)
+                                      self.program.factor_shardings)
 
     def _batch(self, batch: data.Batch) -> tuple[jax.Array, jax.Array]:
         return (jax.device_put(batch.input_ids, self.batch_sharding),
                 jax.device_put(batch.labels, self.batch_sharding))
 
-    def _train_step(self, factors, opt_state, base, ids, labels, key):
-        (value, (total, count)), grads = self._value_and_grad(factors, base, ids, labels, dropout_key=key)
-        updates, opt_state = self.optimizer.update(grads, opt_state, factors)
-        factors = optax.apply_updates(factors, updates)
-        return factors, opt_state, {"loss": value, "nll": total, "labels": count, "grad_norm": optax.global_norm(grads)}
-
     def step(self, factors, opt_state, batch: data.Batch, key: jax.Array):
         """One micro-batch: gradients, and the optimizer update every `grad_accum` calls. Donates its inputs."""
-        return self._step(factors, opt_state, self.model.params, *self._batch(batch), key)
+        return _train_step(self.program, factors, opt_state, self.model.params, *self._batch(batch), key)
 
     def grads(self, factors, batch: data.Batch) -> tuple[dict, tuple[jax.Array, tuple]]:
         """(gradients of the mean loss w.r.t. the factors, (loss, (nll sum, label count))); no dropout."""
-        return self._grads(factors, self.model.params, *self._batch(batch))
+        return _grads(self.program, factors, self.model.params, *self._batch(batch))
 
     def eval_loss(self, factors, batches) -> float:
         """Mean next-token loss over every kept label of `batches` (no dropout)."""
         total = count = 0.0
         for batch in batches:
-            t, c = self._eval(factors, self.model.params, *self._batch(batch))
+            t, c = _eval(self.program, factors, self.model.params, *self._batch(batch))
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
 
 
 @dataclasses.dataclass
@@ -173,7 +229,7 @@ def finetune(model: QwenModel, tokenizer: QwenTokenizer, train_path: str | Path,
     total_steps = _plan(config, train.samples)
     trainer = Trainer(model, config, total_steps)
     rng = jax.random.key(config.seed)
-    factors, opt_state = trainer.init(jax.random.fold_in(rng, 0))
+    factors, opt_state = trainer.init(config.seed)
     mngr = state.manager(output / "checkpoints")
     metrics_path = output / "metrics.jsonl"
     micro, epoch, index = 0, 0, 0
