@@ -122,8 +122,9 @@ def _format(rows: list[dict]) -> list[str]:
             continue
         extrapolated = r.get("extrapolated")
         peak = r.get("peak_gib_full") if extrapolated else r["peak_gib"]
-        note = (f"measured {r['layers']} of {r['full_layers']} layers ({r['step_s']:.2f} s/step, "
-                f"{r['peak_gib']:.1f} GiB); full depth extrapolated" if extrapolated else "")
+        measured_peak = "" if r["peak_gib"] is None else f", {r['peak_gib']:.1f} GiB"
+        note = (f"measured {r['layers']} of {r['full_layers']} layers ({r['step_s']:.2f} s/step{measured_peak}); "
+                "full depth extrapolated" if extrapolated else "")
         peak_text = "—" if peak is None else f"{peak:.1f}"
         mfu_text = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['row']} | {r['full_layers']} | {r['seq']} | {r['tokens_per_s']:.0f} | "

@@ -83,3 +83,22 @@ def test_strategy_gives_single_device_loss_and_grads(checkpoints, batch, referen
     name = strategy if isinstance(strategy, str) else "custom"
     if name in expected:
         assert (shard(a), shard(b)) == expected[name]
+
+
+def test_training_report_fsdp(checkpoints):
+    """sharding_lab's training step report: fsdp splits the base 8 ways and the factors and optimizer moments on
+    their embed axes (the compiled step gathers the weights)."""
+    from qwen_jax import sharding_lab
+
+    config = train.TrainConfig(lora=LORA, batch_size=8, max_len=16)
+    model, _ = qwen_jax.load(checkpoints["float"], dtype="float32", strategy="fsdp")
+    report = sharding_lab.training_report(model, "fsdp", config, steps=1)
+    whole_params = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
+    specs = lora.factor_specs(CONFIG, lora.select(CONFIG, LORA), LORA.r)
+    whole_factors = sum(4 * np.prod(box.value.shape) for box in jax.tree_util.tree_leaves(
+        specs, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+    assert len(report.param_bytes) == 8 and max(report.param_bytes) <= whole_params / 8 + 4096  # all but the c_attn bias have embed
+    assert max(report.factor_bytes) < whole_factors  # a's of embed-input linears and b's of embed outputs split
+    assert max(report.optimizer_bytes) < 3 * whole_factors  # two moments and the accumulator, split alike
+    assert report.temp_bytes > 0 and "all-gather" in report.collectives
+    assert "| fsdp " in sharding_lab.format_table([report])

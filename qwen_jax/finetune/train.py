@@ -164,23 +164,23 @@ class Trainer:
         return jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), factors,
                                       self.program.factor_shardings)
 
-    def _batch(self, batch: data.Batch) -> tuple[jax.Array, jax.Array]:
+    def place_batch(self, batch: data.Batch) -> tuple[jax.Array, jax.Array]:
         return (jax.device_put(batch.input_ids, self.batch_sharding),
                 jax.device_put(batch.labels, self.batch_sharding))
 
     def step(self, factors, opt_state, batch: data.Batch, key: jax.Array):
         """One micro-batch: gradients, and the optimizer update every `grad_accum` calls. Donates its inputs."""
-        return _train_step(self.program, factors, opt_state, self.model.params, *self._batch(batch), key)
+        return _train_step(self.program, factors, opt_state, self.model.params, *self.place_batch(batch), key)
 
     def grads(self, factors, batch: data.Batch) -> tuple[dict, tuple[jax.Array, tuple]]:
         """(gradients of the mean loss w.r.t. the factors, (loss, (nll sum, label count))); no dropout."""
-        return _grads(self.program, factors, self.model.params, *self._batch(batch))
+        return _grads(self.program, factors, self.model.params, *self.place_batch(batch))
 
     def eval_loss(self, factors, batches) -> float:
         """Mean next-token loss over every kept label of `batches` (no dropout)."""
         total = count = 0.0
         for batch in batches:
-            t, c = _eval(self.program, factors, self.model.params, *self._batch(batch))
+            t, c = _eval(self.program, factors, self.model.params, *self.place_batch(batch))
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
 
