@@ -35,7 +35,7 @@ def _load(args):
               "[qwen-jax] It exercises the whole pipeline; its text is gibberish.", file=sys.stderr)
     start = time.perf_counter()
     model, tokenizer = qwen_jax.load(path, dtype=args.dtype, kv_dtype=args.kv_dtype,
-                                     embedding_on_host=args.embedding_on_host)
+                                     embedding_on_host=args.embedding_on_host, adapter=args.adapter)
     print(f"[qwen-jax] loaded {path} ({model.config.num_params / 1e9:.2f}B parameters, {args.dtype}) "
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, tokenizer
@@ -167,6 +167,7 @@ def _add_finetune_parser(sub) -> None:
 
 def _add_model_and_gen_flags(parser) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny random model)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT format, e.g. from qwen-jax finetune)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--kv-dtype", choices=["int8", "bfloat16", "float32", "float16"],
                         help="KV cache dtype (default: --dtype); int8 halves the cache's memory")
