@@ -1,4 +1,4 @@
-"""`qwen-jax`: the command line (`chat`, `batch`)."""
+"""`qwen-jax`: the command line (`chat`, `batch`, `finetune`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _load(args):
               "[qwen-jax] It exercises the whole pipeline; its text is gibberish.", file=sys.stderr)
     start = time.perf_counter()
     model, tokenizer = qwen_jax.load(path, dtype=args.dtype, kv_dtype=args.kv_dtype,
-                                     embedding_on_host=args.embedding_on_host)
+                                     embedding_on_host=args.embedding_on_host, adapter=args.adapter)
     print(f"[qwen-jax] loaded {path} ({model.config.num_params / 1e9:.2f}B parameters, {args.dtype}) "
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, tokenizer
@@ -102,8 +102,72 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    import qwen_jax
+    from qwen_jax import sharding
+    from qwen_jax.finetune import lora, train
+
+    mesh = None
+    if args.mesh:
+        data, model_axis = (int(n) for n in args.mesh.lower().split("x"))
+        mesh = sharding.make_mesh({"data": data, "model": model_axis})
+    model, tokenizer = qwen_jax.load(args.model, dtype=args.dtype, mesh=mesh, strategy=args.strategy)
+    targets = args.target_modules[0] if args.target_regex else tuple(args.target_modules)
+    config = train.TrainConfig(
+        lora=lora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets),
+        learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
+        max_steps=args.max_steps, max_len=args.max_len, seed=args.seed, remat=not args.no_remat,
+        save_every=args.save_every, eval_every=args.eval_every, on_error=args.on_error, on_overlong=args.on_overlong)
+    result = train.finetune(model, tokenizer, args.data, args.output, eval_path=args.eval, config=config,
+                            progress=not args.no_progress, base_model=args.model)
+    print(f"[qwen-jax] adapter written to {result.adapter_dir} after {result.steps} steps (last loss "
+          f"{result.train_loss:.4f}{'' if result.eval_loss is None else f', eval loss {result.eval_loss:.4f}'})",
+          file=sys.stderr)
+    return 0
+
+
+def _add_finetune_parser(sub) -> None:
+    from qwen_jax.finetune import lora, train
+
+    defaults, lora_defaults = train.TrainConfig(), lora.LoraConfig()
+    ft = sub.add_parser("finetune", help="train a LoRA adapter (Q-LoRA on an int8 base); resumable")
+    ft.add_argument("--model", required=True, help="checkpoint directory (float or GPTQ Int8)")
+    ft.add_argument("--data", required=True, help="training data: Qwen's JSON list of {id, conversations}")
+    ft.add_argument("--eval", help="held-out data in the same format (evaluation loss)")
+    ft.add_argument("--output", required=True, help="adapter, checkpoints and metrics.jsonl; rerun to resume")
+    ft.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                    help="compute dtype (factors and optimizer state stay float32)")
+    ft.add_argument("--strategy", default="replicated", help="sharding strategy (qwen_jax.sharding.STRATEGIES)")
+    ft.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 2x4 (default: the strategy's)")
+    ft.add_argument("--lora-r", type=int, default=lora_defaults.r)
+    ft.add_argument("--lora-alpha", type=float, default=lora_defaults.alpha)
+    ft.add_argument("--lora-dropout", type=float, default=lora_defaults.dropout)
+    ft.add_argument("--target-modules", nargs="+", default=list(lora_defaults.target_modules),
+                    help="module names as PEFT matches them (c_attn, c_proj, w1, w2, lm_head, attn.c_proj, …)")
+    ft.add_argument("--target-regex", action="store_true", help="--target-modules is one regular expression")
+    ft.add_argument("--lr", type=float, default=defaults.learning_rate)
+    ft.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    ft.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    ft.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
+    ft.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per micro-batch")
+    ft.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
+    ft.add_argument("--epochs", type=int, default=defaults.epochs)
+    ft.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    ft.add_argument("--max-len", type=int, default=defaults.max_len, help="tokens per sample at most")
+    ft.add_argument("--seed", type=int, default=defaults.seed)
+    ft.add_argument("--save-every", type=int, default=defaults.save_every, help="optimizer steps between checkpoints")
+    ft.add_argument("--eval-every", type=int, default=defaults.eval_every, help="0: evaluate at the end only")
+    ft.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
+    ft.add_argument("--on-error", choices=["skip", "raise"], default=defaults.on_error, help="bad samples")
+    ft.add_argument("--on-overlong", choices=["truncate", "skip", "raise"], default=defaults.on_overlong)
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.set_defaults(func=cmd_finetune)
+
+
 def _add_model_and_gen_flags(parser) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny random model)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT format, e.g. from qwen-jax finetune)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--kv-dtype", choices=["int8", "bfloat16", "float32", "float16"],
                         help="KV cache dtype (default: --dtype); int8 halves the cache's memory")
@@ -137,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_and_gen_flags(batch)
     batch.set_defaults(func=cmd_batch)
+    _add_finetune_parser(sub)
     return parser
 
 

@@ -49,7 +49,7 @@ def resolve_kv_dtype(kv_dtype, dtype) -> jnp.dtype:
 
 def load(path: str | Path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
          strategy: str | sharding_lib.Rules = "replicated", kv_dtype=None,
-         embedding_on_host: bool = False) -> tuple[QwenModel, QwenTokenizer]:
+         embedding_on_host: bool = False, adapter: str | Path | None = None) -> tuple[QwenModel, QwenTokenizer]:
     """Load a Qwen (v1) checkpoint directory and its tokenizer.
 
     `path` is an HF directory of float safetensors shards, a GPTQ Int8 one as published (Qwen-*-Chat-Int8: kept
@@ -59,7 +59,8 @@ def load(path: str | Path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = No
     `sharding.STRATEGIES` or a rules table), which is checked against the model before a weight is read.
     Activations and float weights use `dtype`; the KV cache `kv_dtype` (default `dtype`; "int8" halves the
     cache's memory against bfloat16: one float16 scale per token and head). `embedding_on_host` keeps the token
-    embedding table in host memory (one device only; 2.3 GiB of device memory for Qwen-72B).
+    embedding table in host memory (one device only; 2.3 GiB of device memory for Qwen-72B). `adapter`: a PEFT
+    LoRA adapter directory (qwen_jax.finetune.adapters), merged into float weights, kept separate on an int8 base.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -75,6 +76,10 @@ def load(path: str | Path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = No
     if embedding_on_host:
         check_embedding_on_host(mesh)  # before a weight is read
     tokenizer = QwenTokenizer.from_dir(directory)
+    if adapter is not None:  # checked against the model before a weight is read
+        from qwen_jax.finetune import adapters
+
+        adapter = adapters.load(adapter, config)
     if marker is not None:
         quant_group = marker["quant_group"]
         params = orbax_io.restore_params(directory, config, dtype, mesh, strategy, marker)
@@ -83,6 +88,8 @@ def load(path: str | Path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = No
     model = QwenModel(config, params, dtype, quant_group=quant_group,
                       generation_config=read_generation_config(directory), mesh=mesh, rules=rules,
                       kv_dtype=kv_dtype)
+    if adapter is not None:
+        model = adapters.apply(model, *adapter)
     if embedding_on_host:
         model = model.with_embedding_on_host()
     return model, tokenizer

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from qwen_jax import attention
 from qwen_jax import cache as kv_cache
+from qwen_jax import frozen_linear
 from qwen_jax import quant
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.config import QwenConfig
@@ -70,6 +71,7 @@ class Linear(nn.Module):
     quant_group: int | None = None
     use_bias: bool = False
     out_dtype: Dtype | None = None
+    lora_parts: tuple[str, ...] = ()  # names of the slices of out axis 0 adapted separately (frozen_linear)
 
     @nn.compact
     def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
@@ -87,7 +89,11 @@ class Linear(nn.Module):
         else:
             init = nn.initializers.normal(self.in_features ** -0.5)
             weight = {"kernel": _param(self, "kernel", init, shape, self.dtype, self.axes, layer)}
-        y = quant.matmul(x.astype(self.dtype), weight, out_dtype=self.out_dtype, layer=layer, axes=self.axes)
+        y = frozen_linear.matmul(x.astype(self.dtype), weight, self.out_dtype, layer, self.axes)
+        if self.has_variable("params", "lora"):  # attached by qwen_jax.finetune.lora
+            lora = self.get_variable("params", "lora")
+            y = y + frozen_linear.lora_delta(x.astype(self.dtype), lora, self.out_shape, self.lora_parts,
+                                             layer).astype(y.dtype)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.dtype, self.axes[1:], layer)
             y = y + quant.at_layer(bias, layer).astype(y.dtype)
@@ -182,7 +188,7 @@ class MLP(nn.Module):
     def __call__(self, x, layer=None):
         c = self.config
         up_gate = Linear(c.hidden_size, (2, c.mlp_width), ("embed", "gate_up", "mlp"), self.dtype,
-                         self.quant_group, name="w1w2")(x, layer)  # [B, S, 2, mlp]
+                         self.quant_group, lora_parts=("w1", "w2"), name="w1w2")(x, layer)  # [B, S, 2, mlp]
         up_gate = nn.with_logical_constraint(up_gate, ("batch", "seq", "gate_up", "act_mlp"))
         hidden = up_gate[:, :, 0] * jax.nn.silu(up_gate[:, :, 1])  # w2 is the gate
         return Linear(c.mlp_width, (c.hidden_size,), ("mlp", "embed"), self.dtype, self.quant_group,
@@ -253,6 +259,9 @@ class Qwen:
     dtype: Dtype = jnp.bfloat16
     quant_group: int | None = None  # group size of int8 linears; None = float linears
     host_embedding: HostEmbedding | None = None  # then params has no "wte"
+    # Training: each layer's forward is recomputed in the backward pass from its input, the only thing kept per
+    # layer (no activations, no dequantized weights).
+    remat: bool = False
 
     def _modules(self) -> dict[str, nn.Module]:
         c = self.config
@@ -309,6 +318,8 @@ class Qwen:
             return modules["layers"].apply({"params": params["layers"]}, x, cos, sin, logn, positions, layer, cache,
                                            attend_cache)
 
+        if self.remat:
+            layer_step = jax.checkpoint(layer_step, policy=jax.checkpoint_policies.nothing_saveable)
         x, cache = jax.lax.fori_loop(0, c.num_hidden_layers, layer_step, (x, cache))
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, embed]

@@ -2,6 +2,7 @@
 
     rows = sweep("/models/tiny", ["replicated", "tp", "fsdp", "dp_tp"], [(1, 8), (2, 4)], batch=8)
     print(format_table(rows))
+    print(format_table([training_report(model, "fsdp", TrainConfig(batch_size=8, max_len=256))]))  # a LoRA step
 
 Collectives are read from the compiled HLO of one decode step (the program XLA will run), not from a model of
 what the strategy should do; each report says whether the step ran the Pallas kernels or the XLA path.
@@ -241,3 +242,54 @@ def format_table(reports: Sequence[Report]) -> str:
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class TrainingReport:
+    """One LoRA training micro-step (qwen_jax.finetune) under a strategy: bytes per device of what lives across
+    steps, the compiled step's temporaries (activations, gradients, recomputed layers), collectives, time."""
+
+    strategy: str
+    mesh: str
+    batch: int
+    seq: int
+    param_bytes: list[int]  # the frozen base, per device
+    factor_bytes: list[int]  # LoRA factors (their gradients take as much again, inside the step)
+    optimizer_bytes: list[int]  # AdamW moments and the accumulated gradients
+    temp_bytes: int  # per device, from the compiled program's memory analysis
+    collectives: dict[str, tuple[int, int]]
+    step_ms: float
+
+    def row(self) -> dict:
+        coll = ", ".join(f"{op} ×{n} ({b / 2**20:.1f} MiB)" for op, (n, b) in sorted(self.collectives.items()))
+        mib = lambda values: f"{max(values) / 2**20:.2f}"  # noqa: E731
+        return {"strategy": self.strategy, "mesh": self.mesh, "batch × seq": f"{self.batch} × {self.seq}",
+                "base MiB/device": mib(self.param_bytes), "LoRA MiB/device": mib(self.factor_bytes),
+                "optimizer MiB/device": mib(self.optimizer_bytes), "temporaries MiB/device": f"{self.temp_bytes / 2**20:.2f}",
+                "collectives per step": coll or "none", "step ms": f"{self.step_ms:.2f}"}
+
+
+def training_report(model: QwenModel, strategy: str, config=None, steps: int = 3) -> TrainingReport:
+    """Measure one training micro-step of `model` (placed by `strategy`) at config.batch_size × config.max_len."""
+    from qwen_jax.finetune import data, train
+
+    config = config or train.TrainConfig(batch_size=8, max_len=256)
+    trainer = train.Trainer(model, config, total_steps=1000)
+    factors, opt_state = trainer.init(0)
+    ids = np.zeros((config.batch_size, config.max_len), np.int32)
+    batch = data.Batch(ids, ids, np.full(config.batch_size, config.max_len))
+    factor_bytes, optimizer_bytes = bytes_per_device(factors), bytes_per_device(opt_state)
+    ids, labels = trainer.place_batch(batch)
+    compiled = train._train_step.lower(trainer.program, factors, opt_state, model.params, ids, labels,
+                                       jax.random.key(0)).compile()
+    memory = compiled.memory_analysis()
+    times = []
+    for i in range(steps + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        factors, opt_state, out = compiled(factors, opt_state, model.params, ids, labels, jax.random.key(i))
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    mesh = "×".join(f"{trainer.program.mesh.shape[a]}" for a in trainer.program.mesh.axis_names)
+    return TrainingReport(strategy, mesh, config.batch_size, config.max_len, bytes_per_device(model.params),
+                          factor_bytes, optimizer_bytes, getattr(memory, "temp_size_in_bytes", 0),
+                          collectives(compiled.as_text()), statistics.median(times[1:]) * 1e3)
