@@ -91,12 +91,18 @@ def cmd_batch(args) -> int:
     from qwen_jax.batch import run_job
     from qwen_jax.chat_format import DEFAULT_SYSTEM
 
+    import jax
+
     model, tokenizer = _load(args)
+    # Each process loads its model onto its own devices (load's default mesh is local), so by default each is a
+    # replica serving its share of the input: one process, or every process of a multi-process run.
+    num_replicas = args.num_replicas if args.num_replicas is not None else jax.process_count()
+    replica_index = args.replica_index if args.replica_index is not None else jax.process_index()
     summary = run_job(model, tokenizer, args.input, args.output, args.errors, chat=args.chat,
                       system=args.system or DEFAULT_SYSTEM, seed=args.seed if args.seed is not None else 0,
                       num_slots=args.slots, chunk=args.chunk, max_group=args.max_group,
-                      max_prompt_tokens=args.max_prompt_tokens, num_replicas=args.num_replicas,
-                      replica_index=args.replica_index, progress=not args.no_progress,
+                      max_prompt_tokens=args.max_prompt_tokens, num_replicas=num_replicas,
+                      replica_index=replica_index, progress=not args.no_progress,
                       **{k: v for k, v in _gen_kwargs(args).items() if k != "seed"})
     print(json.dumps(summary, indent=1), file=sys.stderr)
     return 0
@@ -166,6 +172,12 @@ def _add_finetune_parser(sub) -> None:
 
 
 def _add_model_and_gen_flags(parser) -> None:
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run first (jax.distributed.initialize): the coordinator, process "
+                             "count and index come from Slurm or Open MPI, which JAX detects, or from the flags below")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (with --distributed)")
+    parser.add_argument("--num-processes", type=int, help="processes in the run (with --distributed)")
+    parser.add_argument("--process-id", type=int, help="this process's index in the run (with --distributed)")
     parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny random model)")
     parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT format, e.g. from qwen-jax finetune)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -196,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--chunk", type=int, default=8, help="decode steps per device call between admissions")
     batch.add_argument("--max-group", type=int, default=8, help="requests prefilled per call at most")
     batch.add_argument("--max-prompt-tokens", type=int, help="longer prompts are rejected (default: max_window_size)")
-    batch.add_argument("--num-replicas", type=int, default=1, help="processes sharing the input (by hash of id)")
-    batch.add_argument("--replica-index", type=int, default=0, help="this process's share, 0 .. num-replicas - 1")
+    batch.add_argument("--num-replicas", type=int,
+                       help="processes sharing the input, by hash of id (default: the run's process count)")
+    batch.add_argument("--replica-index", type=int,
+                       help="this process's share, 0 .. num-replicas - 1 (default: its process index)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_and_gen_flags(batch)
     batch.set_defaults(func=cmd_batch)
@@ -207,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "distributed", False):
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     return args.func(args)
 
 

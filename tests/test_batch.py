@@ -248,3 +248,27 @@ def test_engine_with_int8_weights_prefills_in_kernel_sized_chunks_when_memory_as
     chunked, got = run()
     assert (one_piece, chunked) == (None, 32) and (2, 32) in prefill_calls and (2, 64) not in prefill_calls
     assert got == want
+
+
+def test_cli_batch_replicas_default_to_the_processes_of_a_distributed_run(monkeypatch, tmp_path):
+    """`qwen-jax batch --distributed`: jax.distributed.initialize gets the flags (None where JAX should detect the
+    cluster), and each process serves the share of its process index among the run's processes."""
+    import jax
+
+    from qwen_jax import batch as batch_lib
+    from qwen_jax import cli
+
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.setdefault("init", kw))
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    monkeypatch.setattr(jax, "process_index", lambda: 3)
+    monkeypatch.setattr(cli, "_load", lambda args: (None, None))
+    monkeypatch.setattr(batch_lib, "run_job", lambda *a, **kw: seen.setdefault("job", kw) and {})
+    argv = ["batch", "--distributed", "--coordinator", "host0:1234", "--input", str(tmp_path / "in.jsonl"),
+            "--output", str(tmp_path / "out.jsonl"), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert seen["init"] == {"coordinator_address": "host0:1234", "num_processes": None, "process_id": None}
+    assert (seen["job"]["num_replicas"], seen["job"]["replica_index"]) == (4, 3)
+    seen.clear()
+    cli.main(["batch", "--input", "i", "--output", "o", "--num-replicas", "2", "--replica-index", "0"])
+    assert "init" not in seen and (seen["job"]["num_replicas"], seen["job"]["replica_index"]) == (2, 0)
