@@ -1,13 +1,12 @@
 """One device call's worth of evidence for the decode matmul (issue 13): ceilings, kernel variants, a profile.
 
     PYTHONPATH=.:benchmarks python benchmarks/decode_probe.py [--shapes w1w2,attn.c_proj] [--ms 1,16]
-    ncu --clock-control none -k regex:matmul -c 4 ... python benchmarks/decode_probe.py --ncu
+    ncu --clock-control none -k regex:int8_matmul -c 2 ... python benchmarks/decode_probe.py --ncu
 
 Prints (1) the read ceiling: a streaming read of 4 GiB by a Pallas kernel and by an XLA reduction, and cuBLAS's
 bf16 GEMV, best of each; the copy bandwidth of a Pallas copy kernel and of XLA's `x * 2`; (2) per 72B shape and M,
 the int8 kernel's variants (convert "cvt" / "asm" / "asm16", tiles, pipelining) checked against float32 and timed,
-as µs, GB/s and % of the read ceiling; (3) JAX's own Mosaic GPU mixed-type (int8 × bf16) matmul on the transposed
-weight, as a feasibility probe of a TMA + wgmma kernel (no group scales). `--ncu` runs only the calls to profile.
+as µs, GB/s and % of the read ceiling, best per (form, conversion). `--ncu` runs only the calls to profile.
 """
 
 from __future__ import annotations
@@ -60,19 +59,19 @@ def ceilings() -> dict[str, float]:
     x = jax.random.bits(jax.random.key(0), (GIB4 // 4 // COLS, COLS), jnp.uint32)
     out = {}
 
-    def best(label, fns, bytes_moved):
+    def best(label, fns, bytes_moved, array):
         gbs = []
         for fn in fns:
-            f = jax.jit(fn).lower(x).compile()
-            gbs.append(bytes_moved / timing.median_seconds(f, x, reps=10) / 1e9)
+            f = jax.jit(fn).lower(array).compile()
+            gbs.append(bytes_moved / timing.median_seconds(f, array, reps=10) / 1e9)
         out[label] = max(gbs)
         print(f"  {label}: {' / '.join(f'{g:.0f}' for g in gbs)} GB/s", flush=True)
 
     best("read: Pallas sum", [functools.partial(pallas_read, rows=r, warps=w) for r in (16, 32) for w in (4, 8)],
-         GIB4)
-    best("read: XLA row sums", [lambda a: jnp.sum(a, axis=1), lambda a: jnp.sum(a, axis=0)], GIB4)
-    best("copy: Pallas", [functools.partial(pallas_copy, rows=r, warps=w) for r in (16,) for w in (8,)], 2 * GIB4)
-    best("copy: XLA x*2", [lambda a: a * 2], 2 * GIB4)
+         GIB4, x)
+    best("read: XLA row sums", [lambda a: jnp.sum(a, axis=1), lambda a: jnp.sum(a, axis=0)], GIB4, x)
+    best("copy: Pallas", [functools.partial(pallas_copy, rows=r, warps=w) for r in (16,) for w in (8,)], 2 * GIB4, x)
+    best("copy: XLA x*2", [lambda a: a * 2], 2 * GIB4, x)
     del x
     k, n = bench.SHAPES["w1w2"]
     ws = [jax.random.normal(key, (k, n), jnp.bfloat16) for key in jax.random.split(jax.random.key(1), 4)]
@@ -120,37 +119,6 @@ def kernel_rows(names, ms, read_gbs: float, budget_s: float) -> list[str]:
     return rows
 
 
-def mosaic_rows(read_gbs: float) -> list[str]:
-    """JAX's Hopper mixed-type matmul (Mosaic GPU): out [N, T] = Wᵀ [N, K] int8 @ xᵀ [K, T] bf16, T tokens."""
-    rows = []
-    try:
-        from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
-    except Exception as e:  # noqa: BLE001 — report and go on: this is a probe
-        return [f"mosaic mixed matmul unavailable: {type(e).__name__}: {e}"]
-    for name in ("w1w2", "attn.c_proj"):
-        k, n = bench.SHAPES[name]
-        ws = [jax.random.randint(key, (n, k), -128, 128, jnp.int32).astype(jnp.int8)
-              for key in jax.random.split(jax.random.key(3), 4)]
-        for t in (16, 64):
-            xt = jax.random.normal(jax.random.key(4), (k, t), jnp.bfloat16)
-            ref = jnp.dot(ws[0].astype(jnp.float32), xt.astype(jnp.float32))
-            for tile_m, tile_k, steps in ((64, 128, 4), (64, 256, 4), (128, 128, 4), (64, 128, 6)):
-                cfg = mixed.TuningConfig(tile_m=tile_m, tile_n=t, tile_k=tile_k, max_concurrent_steps=steps,
-                                         epi_tile_n=min(64, t), epi_tile_m=64, wg_dimension=mixed.MatmulDimension.M)
-                fn = functools.partial(mixed.mixed_matmul_kernel, out_dtype=jnp.bfloat16, config=cfg)
-                try:
-                    seconds, first = timing.per_call_seconds(fn, [(w, xt) for w in ws], reps=10)
-                    err = timing.rel_err(first, ref)
-                    gbs = n * k / seconds / 1e9
-                    rows.append(f"| mosaic {name} {k}×{n} | T={t} | tm{tile_m} tk{tile_k} st{steps} | "
-                                f"{seconds * 1e6:.1f} | {gbs:.0f} | {100 * gbs / read_gbs:.0f}% | err {err:.1e} |")
-                except Exception as e:  # noqa: BLE001
-                    rows.append(f"| mosaic {name} T={t} tm{tile_m} tk{tile_k} st{steps} | failed: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0][:200]} |")
-                print(rows[-1], flush=True)
-    return rows
-
-
 def ncu_targets() -> None:
     """The calls an `ncu -k regex:int8_matmul` run profiles, on one weight set (ncu backs up device memory)."""
     k, n = bench.SHAPES["w1w2"]
@@ -168,7 +136,7 @@ def main():
     parser.add_argument("--ms", default="1,16")
     parser.add_argument("--budget-s", type=float, default=240)
     parser.add_argument("--ncu", action="store_true")
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: ceilings,kernels,mosaic")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: ceilings,kernels")
     args = parser.parse_args()
     if args.ncu:
         return ncu_targets()
@@ -180,8 +148,6 @@ def main():
     rows = ["| matrix | M | config | µs | GB/s | % read | vs tuned |", "|---|---|---|---|---|---|---|"]
     if "kernels" not in skip:
         rows += kernel_rows(args.shapes.split(","), [int(m) for m in args.ms.split(",")], read_gbs, args.budget_s)
-    if "mosaic" not in skip:
-        rows += mosaic_rows(read_gbs)
     print("\n".join(f"{key}: {v:.0f} GB/s" for key, v in ceil.items()))
     print("\n".join(rows))
 

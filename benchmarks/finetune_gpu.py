@@ -23,9 +23,7 @@ memory by the per-layer bytes of weights, factors, gradients and optimizer state
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import subprocess
 import sys
 import time
