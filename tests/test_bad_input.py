@@ -44,6 +44,17 @@ def test_config_missing_key(ckpt):
         qwen_jax.load(ckpt)
 
 
+def test_config_heads_times_kv_channels_must_be_hidden_size(ckpt):
+    """Every Qwen checkpoint has heads × kv_channels == hidden_size; a config.json without it is refused by name
+    (a QwenConfig built in code may differ: one device's tensor-parallel shard, sharding_lab.tp_shard_config)."""
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["kv_channels"] //= 2
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"config\.json: num_attention_heads \(2\) × kv_channels \(16\) must equal "
+                                          r"hidden_size \(64\)"):
+        qwen_jax.load(ckpt)
+
+
 def test_missing_tensor(ckpt):
     rewrite_tensors(ckpt, W1, lambda t: t.pop(W1))
     with pytest.raises(CheckpointError, match=r"missing.*transformer\.h\.1\.mlp\.w1\.weight"):
