@@ -160,12 +160,17 @@ def _distinct(specs: Sequence[Sequence[tuple[str, ...]]]) -> bool:
     return all(len(set(a for dim in spec for a in dim)) == sum(len(dim) for dim in spec) for spec in specs)
 
 
+def _size(axes: Sequence[str]) -> int:
+    """How many devices of the traced mesh these mesh axes span together."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def local_shape(shape: Sequence[int], spec: PartitionSpec) -> tuple[int, ...] | None:
     """The shard shape of a [shape] array under `spec` on the traced mesh; None if a split does not divide."""
-    mesh = jax.sharding.get_abstract_mesh()
     out = []
     for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        parts = math.prod(mesh.shape[a] for a in _mesh_axes_of(entry))
+        parts = _size(_mesh_axes_of(entry))
         if size % parts:
             return None
         out.append(size // parts)
@@ -183,11 +188,6 @@ class LocalMatmul:
     out: PartitionSpec
     sum_axes: tuple[str, ...]
     scatter_axes: tuple[str, ...]
-
-
-def _size(axes: Sequence[str]) -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    return math.prod(mesh.shape[a] for a in axes)
 
 
 def plan_matmul(batch_names: Sequence[str], batch_shape: Sequence[int], weight_names: Sequence[str],
