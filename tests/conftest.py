@@ -34,6 +34,18 @@ def hf_tiny(tiny_config, tiny_tensors):
     return qwen2_from_tensors(tiny_config, tiny_tensors)
 
 
+@pytest.fixture(scope="session")
+def checkpoint_pair(tmp_path_factory):
+    """make(config, seed, group_size) -> {"float": dir, "gptq": dir}: the same model as a float and as a GPTQ Int8
+    checkpoint in the published layouts, for the tests that run both kinds on several meshes."""
+    def make(config, seed: int, group_size: int) -> dict:
+        root = tmp_path_factory.mktemp("checkpoint-pair")
+        return {"float": testing.write_float_checkpoint(root / "float", config, seed=seed),
+                "gptq": testing.write_gptq_checkpoint(root / "gptq", config, seed=seed, group_size=group_size)}
+
+    return make
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

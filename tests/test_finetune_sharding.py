@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import qwen_jax
-from qwen_jax import sharding, testing
+from qwen_jax import sharding
 from qwen_jax.finetune import data, lora, train
 from qwen_jax.finetune.objective import IGNORE
 from tests.test_sharding import CONFIG as SHARDING_CONFIG
@@ -22,10 +22,8 @@ CUSTOM = (("batch", "data"), ("mlp", "model"), ("lora_rank", "model"))  # the ra
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft-sharding")
-    return {"float": testing.write_float_checkpoint(root / "float", CONFIG, seed=4),
-            "gptq": testing.write_gptq_checkpoint(root / "gptq", CONFIG, seed=4, group_size=16)}
+def checkpoints(checkpoint_pair):
+    return checkpoint_pair(CONFIG, seed=4, group_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -42,10 +42,8 @@ GROUP = 64
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded-kernels")
-    return {"float": testing.write_float_checkpoint(root / "float", CONFIG, seed=5),
-            "gptq": testing.write_gptq_checkpoint(root / "gptq", CONFIG, seed=5, group_size=GROUP)}
+def checkpoints(checkpoint_pair):
+    return checkpoint_pair(CONFIG, seed=5, group_size=GROUP)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,8 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices 
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharding")
-    return {"float": testing.write_float_checkpoint(root / "float", CONFIG, seed=4),
-            "gptq": testing.write_gptq_checkpoint(root / "gptq", CONFIG, seed=4, group_size=16)}
+def checkpoints(checkpoint_pair):
+    return checkpoint_pair(CONFIG, seed=4, group_size=16)
 
 
 @pytest.fixture(scope="module")
